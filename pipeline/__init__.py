@@ -1,0 +1,1 @@
+"""Shared by every stage: data contracts, COCO I/O, Parquet I/O, evaluation, CLI."""
