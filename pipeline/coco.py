@@ -1,0 +1,302 @@
+"""COCO datasets and image sets, checked on load.
+
+Every bad input raises `DataError` naming the file and the image (or annotation) id: nothing
+is skipped silently. Images come back as RGB whatever their mode (grayscale, RGBA, palette,
+16-bit).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from .categories import Categories
+from .fileio import read_json
+from .tables import TableMeta, images_table, read_table, write_table
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# COCO's own annotations overshoot the image by up to a pixel here and there.
+_BOX_TOLERANCE = 1.0
+
+
+class DataError(ValueError):
+    """A dataset file or image is malformed; the message names the file and the id."""
+
+
+def safe_image_path(root: Path, file_name: str, where: str) -> Path:
+    """Join `file_name` under `root`, refusing absolute paths and anything that escapes `root`."""
+    if os.path.isabs(file_name) or Path(file_name).is_absolute():
+        raise DataError(f"{where}: file_name {file_name!r} is an absolute path; it must be relative to the image root")
+    root_resolved = root.resolve()
+    path = (root / file_name).resolve()
+    if not path.is_relative_to(root_resolved):
+        raise DataError(f"{where}: file_name {file_name!r} escapes the image root {root}")
+    return path
+
+
+def load_image(path: Path, where: str = "") -> torch.Tensor:
+    """Read an image file as a UInt8Tensor[3, H, W] RGB. 16-bit data is scaled to 8 bits."""
+    label = where or str(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                a = np.asarray(im, dtype=np.float64)
+                # 16-bit images (PNG "I;16" or "I" holding 0..65535) scale to 0..255.
+                a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
+                a = np.repeat(a[..., None], 3, axis=2)
+            elif im.mode == "F":
+                a = np.asarray(im, dtype=np.float64)
+                a = np.clip(np.round(a * (255.0 if a.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
+                a = np.repeat(a[..., None], 3, axis=2)
+            else:
+                a = np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"{label}: image file {path} is missing") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{label}: cannot read image file {path} ({e})") from e
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
+
+
+@dataclass
+class ImageSet:
+    """Images known by id: an images table plus the folder they live in.
+
+    `table` columns: image_id, file_name (relative to `root`), height, width.
+    """
+
+    table: pa.Table
+    root: Path
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        ids = self.table.column("image_id").to_pylist()
+        self._row = {int(i): r for r, i in enumerate(ids)}
+        if len(self._row) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})[:5]
+            raise DataError(f"{self.source}: duplicate image ids {dup}")
+        self._names = self.table.column("file_name").to_pylist()
+        self._h = self.table.column("height").to_pylist()
+        self._w = self.table.column("width").to_pylist()
+
+    @classmethod
+    def from_coco(cls, ann_file: str | Path, image_root: str | Path) -> "ImageSet":
+        return CocoIndex.load(ann_file).image_set(image_root)
+
+    @classmethod
+    def from_folder(cls, root: str | Path) -> "ImageSet":
+        """Every image file under `root`, ids 1..N by sorted relative path."""
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root}: no such image folder")
+        files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"{root}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        sizes = []
+        for f in files:
+            try:
+                with Image.open(root / f) as im:
+                    sizes.append((im.height, im.width))
+            except OSError as e:
+                raise DataError(f"{root / f}: cannot read image header ({e})") from e
+        table = images_table(range(1, len(files) + 1), files, [s[0] for s in sizes], [s[1] for s in sizes])
+        return cls(table, root, source=str(root))
+
+    @classmethod
+    def from_table(cls, path: str | Path, image_root: str | Path) -> "ImageSet":
+        table, _ = read_table(path, "images")
+        return cls(table, Path(image_root), source=str(path))
+
+    def write(self, path: str | Path) -> Path:
+        """Write the images table once so every later stage agrees on the ids."""
+        return write_table(path, self.table, TableMeta(kind="images", producer="twopass", dataset=str(self.root)))
+
+    @property
+    def image_ids(self) -> list[int]:
+        return list(self._row)
+
+    def __len__(self) -> int:
+        return len(self._row)
+
+    def __contains__(self, image_id: int) -> bool:
+        return int(image_id) in self._row
+
+    def _index(self, image_id: int) -> int:
+        try:
+            return self._row[int(image_id)]
+        except KeyError:
+            raise DataError(f"{self.source}: image_id {image_id} is not in the image set") from None
+
+    def size(self, image_id: int) -> tuple[int, int]:
+        """(height, width) as declared in the table."""
+        r = self._index(image_id)
+        return int(self._h[r]), int(self._w[r])
+
+    def path(self, image_id: int) -> Path:
+        r = self._index(image_id)
+        return safe_image_path(self.root, self._names[r], f"{self.source}: image_id {image_id}")
+
+    def read(self, image_id: int) -> torch.Tensor:
+        """UInt8Tensor[3, H, W]; raises if the file's size differs from the table's."""
+        where = f"{self.source}: image_id {image_id}"
+        img = load_image(self.path(image_id), where)
+        h, w = self.size(image_id)
+        if tuple(img.shape[1:]) != (h, w):
+            raise DataError(f"{where}: image file is {img.shape[1]}x{img.shape[2]} (HxW), annotations say {h}x{w}")
+        return img
+
+
+@dataclass
+class CocoIndex:
+    """A parsed and checked COCO instances file."""
+
+    path: Path
+    images: list[dict]
+    categories: Categories
+    anns_by_image: dict[int, list[dict]]
+    raw: dict[str, Any]
+
+    @classmethod
+    def load(cls, ann_file: str | Path) -> "CocoIndex":
+        path = Path(ann_file)
+        try:
+            data = read_json(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(str(e)) from None
+        src = str(path)
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data.get(key), list):
+                raise DataError(f"{src}: missing list {key!r}")
+        categories = Categories.from_coco(data["categories"], source=src)
+        cat_ids = set(categories.ids)
+        images: list[dict] = []
+        seen: set[int] = set()
+        for i, im in enumerate(data["images"]):
+            for key in ("id", "file_name", "height", "width"):
+                if key not in im:
+                    raise DataError(f"{src}: images[{i}] has no {key!r}")
+            iid = int(im["id"])
+            if iid in seen:
+                raise DataError(f"{src}: image id {iid} appears twice")
+            if int(im["height"]) <= 0 or int(im["width"]) <= 0:
+                raise DataError(f"{src}: image id {iid} has size {im['height']}x{im['width']}")
+            seen.add(iid)
+            images.append(im)
+        sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in images}
+        anns: dict[int, list[dict]] = {iid: [] for iid in sizes}
+        for a in data["annotations"]:
+            aid = a.get("id", "?")
+            iid = a.get("image_id")
+            if iid not in sizes:
+                raise DataError(f"{src}: annotation {aid} points at unknown image_id {iid}")
+            if a.get("category_id") not in cat_ids:
+                raise DataError(f"{src}: annotation {aid} (image_id {iid}) has unknown category_id {a.get('category_id')}")
+            bbox = a.get("bbox")
+            if not (isinstance(bbox, list) and len(bbox) == 4 and all(np.isfinite(v) for v in bbox)):
+                raise DataError(f"{src}: annotation {aid} (image_id {iid}) has bad bbox {bbox}")
+            x, y, w, h = bbox
+            if w <= 0 or h <= 0:
+                raise DataError(f"{src}: annotation {aid} (image_id {iid}) has degenerate bbox {bbox} (w or h <= 0)")
+            H, W = sizes[iid]
+            t = _BOX_TOLERANCE
+            if x < -t or y < -t or x + w > W + t or y + h > H + t:
+                raise DataError(f"{src}: annotation {aid} (image_id {iid}) bbox {bbox} lies outside the {W}x{H} image")
+            anns[iid].append(a)
+        return cls(path, images, categories, anns, data)
+
+    def image_set(self, image_root: str | Path) -> ImageSet:
+        t = images_table(
+            [int(im["id"]) for im in self.images],
+            [str(im["file_name"]) for im in self.images],
+            [int(im["height"]) for im in self.images],
+            [int(im["width"]) for im in self.images],
+        )
+        return ImageSet(t, Path(image_root), source=str(self.path))
+
+
+def annotation_mask(ann: dict, height: int, width: int, where: str) -> np.ndarray:
+    """UInt8[H, W] mask of one annotation from polygons, compressed or uncompressed RLE."""
+    seg = ann.get("segmentation")
+    try:
+        if isinstance(seg, list):
+            if not seg:
+                raise ValueError("empty polygon list")
+            rle = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
+        elif isinstance(seg, dict) and isinstance(seg.get("counts"), list):
+            rle = mask_utils.frPyObjects(seg, height, width)
+        elif isinstance(seg, dict):
+            if list(seg.get("size", [])) != [height, width]:
+                raise ValueError(f"RLE size {seg.get('size')} is not the image's {[height, width]}")
+            rle = seg
+        else:
+            raise ValueError("no segmentation")
+        return mask_utils.decode(rle)
+    except (ValueError, TypeError, KeyError) as e:
+        raise DataError(f"{where}: annotation {ann.get('id', '?')} has a bad segmentation ({e})") from e
+
+
+class CocoDataset(torch.utils.data.Dataset):
+    """COCO instances as (image, target) pairs in torchvision's detection format.
+
+    image: FloatTensor[3, H, W] in [0, 1].
+    target: boxes FloatTensor[N, 4] XYXY pixels, labels Int64Tensor[N] (contiguous 1..K),
+    masks UInt8Tensor[N, H, W] (if `with_masks`), iscrowd Int64Tensor[N], area FloatTensor[N],
+    image_id int.
+    """
+
+    def __init__(self, ann_file: str | Path, image_root: str | Path, with_masks: bool = True, check_files: bool = True):
+        self.index = CocoIndex.load(ann_file)
+        self.images = self.index.image_set(image_root)
+        self.categories = self.index.categories
+        self.with_masks = with_masks
+        self.ann_file = Path(ann_file)
+        self.image_ids = self.images.image_ids
+        if check_files:
+            missing = [i for i in self.image_ids if not self.images.path(i).is_file()]
+            if missing:
+                raise DataError(
+                    f"{ann_file}: image file {self.images.path(missing[0])} (image_id {missing[0]}) is missing"
+                    + (f", and {len(missing) - 1} more" if len(missing) > 1 else "")
+                )
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        image_id = self.image_ids[i]
+        img = self.images.read(image_id)
+        h, w = img.shape[1:]
+        anns = self.index.anns_by_image[image_id]
+        where = f"{self.ann_file}: image_id {image_id}"
+        boxes = np.array([a["bbox"] for a in anns], dtype=np.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
+        target: dict[str, Any] = {
+            "boxes": torch.from_numpy(boxes),
+            "labels": torch.from_numpy(self.categories.to_labels([a["category_id"] for a in anns], where)),
+            "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64),
+            "area": torch.tensor([float(a.get("area", 0.0)) for a in anns], dtype=torch.float32),
+            "image_id": image_id,
+        }
+        if self.with_masks:
+            masks = np.zeros((len(anns), h, w), dtype=np.uint8)
+            for k, a in enumerate(anns):
+                masks[k] = annotation_mask(a, h, w, where)
+            target["masks"] = torch.from_numpy(masks)
+        return img.float().div_(255.0), target
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:
+    """Keep images of different sizes as a list, as torchvision's detection models expect."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
