@@ -58,7 +58,7 @@ def load_image(path: Path, where: str = "") -> torch.Tensor:
                 a = np.clip(np.round(a * (255.0 if a.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
                 a = np.repeat(a[..., None], 3, axis=2)
             else:
-                a = np.asarray(im.convert("RGB"))
+                a = np.array(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{label}: image file {path} is missing") from None
     except (OSError, SyntaxError, ValueError) as e:

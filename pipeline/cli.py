@@ -1,0 +1,155 @@
+"""The `twopass` command line. Stage packages add their own commands through `register(app)`.
+
+Heavy imports (torch, models) happen inside commands so that `twopass --help` stays quick.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="twopass",
+    help="Two-pass instance segmentation: fuse several detectors' boxes, then segment the fused boxes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# Each stage package that has a `cli.py` with `register(app)` adds its commands here.
+PLUGINS = ("detector.cli", "ensemble.cli", "segmenter.cli", "flows.cli")
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write images/ and annotations.json into.")],
+    images: Annotated[int, typer.Option(help="Number of images.")] = 200,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed; use different seeds for train and val.")] = 0,
+) -> None:
+    """Generate the synthetic COCO benchmark set (textured shapes, clutter, occlusion)."""
+    from .synth import generate
+
+    with _progress() as bar:
+        task = bar.add_task("synth", total=images)
+        path = generate(out, images, size, seed, progress=lambda k: bar.update(task, completed=k))
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+def evaluate(
+    ann: Annotated[Path, typer.Option(help="Ground-truth COCO annotations JSON.")],
+    results: Annotated[Path, typer.Option(help="Detections/instances Parquet or COCO results JSON.")],
+    out: Annotated[Optional[Path], typer.Option(help="Write the metrics here as JSON.")] = None,
+    backend: Annotated[str, typer.Option(help="faster | pycocotools")] = "faster",
+) -> None:
+    """COCO box and mask AP of a results file, with a per-category table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .evaluate import evaluate as run_eval
+    from .fileio import write_json
+
+    if backend not in ("faster", "pycocotools"):
+        raise ValueError(f"--backend must be 'faster' or 'pycocotools', got {backend!r}")
+    metrics = run_eval(ann, results, backend=backend)  # type: ignore[arg-type]
+    console = Console()
+    shown = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")  # all twelve go to --out
+    table = Table(title=f"{results.name}")
+    table.add_column("")
+    for k in shown:
+        table.add_column(k, justify="right")
+    for t in ("bbox", "segm"):
+        if t in metrics:
+            # COCOeval reports -1 where an area range has no ground truth.
+            table.add_row(t, *(f"{metrics[t][k]:.3f}" if metrics[t][k] >= 0 else "-" for k in shown))
+    console.print(table)
+    per_cat = metrics["per_category"]
+    if per_cat:
+        ct = Table(title="AP per category")
+        ct.add_column("category")
+        for t in per_cat:
+            ct.add_column(t, justify="right")
+        names = next(iter(per_cat.values())).keys()
+        for n in names:
+            ct.add_row(n, *(f"{per_cat[t][n]:.3f}" for t in per_cat))
+        console.print(ct)
+    if out is not None:
+        write_json(out, metrics, indent=2)
+        typer.echo(f"wrote {out}")
+
+
+@app.command()
+def show(
+    images: Annotated[Path, typer.Option(help="Image folder (root of the COCO file_names).")],
+    out: Annotated[Path, typer.Option(help="Folder for the PNGs.")],
+    ann: Annotated[Optional[Path], typer.Option(help="COCO annotations: draws the ground truth too.")] = None,
+    results: Annotated[Optional[list[Path]], typer.Option(help="Results file(s), one panel each.")] = None,
+    ids: Annotated[Optional[str], typer.Option(help="Comma-separated image ids (default: the first ones).")] = None,
+    max_images: Annotated[int, typer.Option(help="How many images when --ids is not given.")] = 8,
+    score_thresh: Annotated[float, typer.Option(help="Hide results scoring below this.")] = 0.3,
+) -> None:
+    """Draw boxes, labels, scores and masks over images: ground truth beside each results file."""
+    from .coco import CocoIndex, ImageSet
+    from .tables import read_results
+    from .visualize import show as run_show
+
+    gt = CocoIndex.load(ann) if ann else None
+    image_set = gt.image_set(images) if gt else ImageSet.from_folder(images)
+    panels, categories = [], gt.categories if gt else None
+    for r in results or []:
+        table, meta = read_results(r, categories)
+        categories = categories or meta.categories
+        panels.append((r.stem, table))
+    if categories is None:
+        raise ValueError("show: give --ann, or results files that record their categories")
+    image_ids = [int(i) for i in ids.split(",")] if ids else None
+    written = run_show(image_set, categories, out, panels, gt, image_ids, max_images, score_thresh)
+    typer.echo(f"wrote {len(written)} images to {out}")
+
+
+@app.command("images")
+def images_cmd(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    out: Annotated[Path, typer.Option(help="Images table Parquet to write.")],
+) -> None:
+    """Give a bare folder of images ids (by sorted file name) once, as an images table."""
+    from .coco import ImageSet
+
+    s = ImageSet.from_folder(folder)
+    s.write(out)
+    typer.echo(f"wrote {out}: {len(s)} images")
+
+
+def _register_plugins() -> None:
+    for name in PLUGINS:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(app)
+
+
+_register_plugins()
+
+
+def main() -> None:
+    """Console entry point: user errors print one line naming the bad input, exit code 2."""
+    try:
+        app()
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        typer.echo(f"twopass: error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
