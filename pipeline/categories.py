@@ -69,15 +69,15 @@ class Categories:
         return np.asarray(self.ids, dtype=np.int32)[labels - 1]
 
     def check_same(self, other: "Categories", what: str) -> None:
-        """Raise if `other` is not this list, saying what differs."""
+        """Raise if `other` (the list found in `what`) is not this expected list, saying what differs."""
         if self == other:
             return
         mine, theirs = dict(zip(self.ids, self.names)), dict(zip(other.ids, other.names))
         parts = []
         if missing := sorted(set(mine) - set(theirs)):
-            parts.append(f"missing ids {missing}")
+            parts.append(f"lacks ids {missing}")
         if extra := sorted(set(theirs) - set(mine)):
-            parts.append(f"extra ids {extra}")
+            parts.append(f"has unexpected ids {extra}")
         if renamed := [f"{i}: {mine[i]!r} vs {theirs[i]!r}" for i in mine if i in theirs and mine[i] != theirs[i]]:
             parts.append("renamed " + ", ".join(renamed))
-        raise ValueError(f"{what}: category list does not match ({'; '.join(parts)})")
+        raise ValueError(f"{what}: category list does not match the expected one ({'; '.join(parts)})")

@@ -115,7 +115,11 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_image(size: int, seed: int, index: int, min_objects: int = 4, max_objects: int = 14):
-    """One image and its objects: (UInt8[S, S, 3], [(category index, visible Bool[S, S])])."""
+    """One image and its objects, bottom to top: (UInt8[S, S, 3], [(category index, visible, full)]).
+
+    `visible` and `full` are Bool[S, S]: the annotated mask (full shape minus what lies above
+    it, clipped to the image) and the whole shape as drawn.
+    """
     rng = np.random.default_rng([seed, index])
     n = int(rng.integers(min_objects, max_objects + 1))
     cats = rng.integers(len(CATEGORIES), size=n)
@@ -146,7 +150,7 @@ def make_image(size: int, seed: int, index: int, min_objects: int = 4, max_objec
         img[y0:y1, x0:x1] = np.where(crop, _texture(y1 - y0, x1 - x0, rng), img[y0:y1, x0:x1])
     img = img + rng.normal(0, rng.uniform(0.01, 0.06), img.shape).astype(np.float32)
     img8 = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
-    return img8, [(int(cats[i]), visible[i]) for i in keep]
+    return img8, [(int(cats[i]), visible[i], masks[i]) for i in keep]
 
 
 def generate(out_dir: str | Path, num_images: int, size: int = 256, seed: int = 0, progress=None) -> Path:
@@ -162,7 +166,7 @@ def generate(out_dir: str | Path, num_images: int, size: int = 256, seed: int = 
         name = f"{k + 1:06d}.png"
         Image.fromarray(img).save(out / "images" / name, compress_level=1)
         images.append({"id": k + 1, "file_name": name, "height": size, "width": size})
-        for cat, vis in objects:
+        for cat, vis, _ in objects:
             rle = mask_utils.encode(np.asfortranarray(vis.astype(np.uint8)))
             x, y, w, h = mask_utils.toBbox(rle).tolist()
             anns.append(
