@@ -7,7 +7,6 @@ Two backends give the same numbers (tests/test_evaluate.py holds them to each ot
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 from pathlib import Path
 from typing import Literal, Sequence
@@ -24,7 +23,9 @@ Backend = Literal["faster", "pycocotools"]
 
 
 def _load_gt(gt: str | Path | dict, backend: Backend):
-    data = read_json(gt) if not isinstance(gt, dict) else copy.deepcopy(gt)
+    data = read_json(gt) if not isinstance(gt, dict) else gt
+    # COCOeval writes keys ('ignore', ...) into the ground-truth dicts: give it copies.
+    data = {**data, "annotations": [dict(a) for a in data["annotations"]]}
     if backend == "faster":
         from faster_coco_eval import COCO
     else:
@@ -76,11 +77,12 @@ def evaluate(
             out[iou_type] = {k: 0.0 for k in STAT_NAMES}
             out["per_category"][iou_type] = {n: 0.0 for n in categories.names}
             continue
-        # loadRes mutates its input (adds area, id, bbox from masks): give each run a copy.
-        dets = copy.deepcopy(results)
+        # loadRes sets keys (area, id, bbox from masks) on its input: give each run shallow
+        # copies (a deep copy cost three quarters of the evaluation time).
         if iou_type == "bbox":
-            for d in dets:
-                d.pop("segmentation", None)
+            dets = [{k: v for k, v in d.items() if k != "segmentation"} for d in results]
+        else:
+            dets = [dict(d) for d in results]
         with contextlib.redirect_stdout(io.StringIO()):
             dt_coco = gt_coco.loadRes(dets)
             if backend == "faster":
