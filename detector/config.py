@@ -1,0 +1,235 @@
+"""Model configs: one pydantic model, one YAML file per named model under `configs/`.
+
+Every switch of METHOD.md is an independent field, so the slides' ablation rows are rerun by
+changing one line. Unknown keys are errors (a misspelt switch must not be ignored silently).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+BackboneName = Literal["resnet18", "resnet50", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x2_0"]
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or value is wrong; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class BackboneConfig(_Strict):
+    name: BackboneName = "resnet50"
+    # Stages trained, counted from the top (torchvision's `trainable_layers`): 5 trains all,
+    # 3 freezes the stem and the first stage (the usual choice with ImageNet weights).
+    trainable_stages: int = Field(3, ge=0, le=5)
+    fpn_channels: int = Field(256, ge=8)
+    # First FPN level: 2 gives P2..P6, 3 gives P3..P6. None: 2 for ResNets, 3 for ShuffleNets,
+    # whose C2 (the 24-channel stem output) is too thin to carry a pyramid level.
+    first_level: Literal[2, 3] | None = None
+    # Global context (ThunderNet CEM): GAP(C5) -> 1x1 conv -> added to P5's lateral, so it
+    # reaches every level through the top-down path.
+    global_context: bool = False
+
+
+class NormConfig(_Strict):
+    # frozen_bn: affine from the weights file, statistics fixed (small batches).
+    # bn: trained BatchNorm, per process. sync_bn: BatchNorm synchronised across DDP processes
+    # (plain `bn` when training in one process).
+    backbone: Literal["frozen_bn", "bn", "sync_bn"] = "frozen_bn"
+    # GroupNorm in the FPN convs and in the conv layers of the box and mask heads.
+    heads: Literal["none", "gn"] = "none"
+    gn_groups: int = Field(32, ge=1)
+
+
+class AnchorConfig(_Strict):
+    # One size per pyramid level (first_level..6). None: `scale` x the level's stride.
+    sizes: list[float] | None = None
+    scale: float = Field(8.0, gt=0)
+    aspect_ratios: list[float] = [0.5, 1.0, 2.0]
+
+
+class RPNConfig(_Strict):
+    anchors: AnchorConfig = AnchorConfig()
+    convs: int = Field(1, ge=1)
+    pre_nms_top_n_train: int = 2000
+    pre_nms_top_n_test: int = 1000
+    post_nms_top_n_train: int = 2000
+    post_nms_top_n_test: int = 1000
+    nms_thresh: float = 0.7
+    fg_iou_thresh: float = 0.7
+    bg_iou_thresh: float = 0.3
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+
+
+class BoxHeadConfig(_Strict):
+    type: Literal["two_fc", "location_sensitive"] = "two_fc"
+    # RoIAlign output for two_fc; p (bins per side of the position-sensitive pooling) for LSD.
+    pool_size: int = Field(7, ge=1)
+    sampling_ratio: int = 2
+    # Width of the fc layers: two_fc 1024, location_sensitive 2048 (Light-Head) when None.
+    fc_dim: int | None = None
+    # Location Sensitive Detector: k x 1 / 1 x k separable conv of `kernel_size`, C_mid
+    # `mid_channels`, to alpha * p * p channels.
+    kernel_size: int = Field(15, ge=1)
+    mid_channels: int = Field(256, ge=1)
+    alpha: int = Field(10, ge=1)
+    # PANet adaptive feature pooling: every RoI pooled from all levels, per-level first layer,
+    # element-wise max fusion.
+    multi_scale_roi: bool = False
+    cascade_stages: Literal[1, 3] = 1
+    cascade_ious: list[float] = [0.5, 0.6, 0.7]
+    cascade_weights: list[float] = [1.0, 0.5, 0.25]
+    # Box regression weights per stage (Cascade R-CNN tightens them stage by stage).
+    bbox_reg_weights: list[list[float]] = [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0], [30.0, 30.0, 15.0, 15.0]]
+    # One box per class (torchvision) or one for all; None: class-specific for one stage,
+    # class-agnostic for a cascade (as in Cascade R-CNN).
+    class_agnostic_box: bool | None = None
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+
+    @property
+    def fc_width(self) -> int:
+        if self.fc_dim is not None:
+            return self.fc_dim
+        return 2048 if self.type == "location_sensitive" else 1024
+
+    @property
+    def agnostic(self) -> bool:
+        return self.cascade_stages > 1 if self.class_agnostic_box is None else self.class_agnostic_box
+
+    @model_validator(mode="after")
+    def _check(self) -> "BoxHeadConfig":
+        n = self.cascade_stages
+        if len(self.cascade_ious) < n or len(self.cascade_weights) < n or len(self.bbox_reg_weights) < n:
+            raise ValueError(f"cascade_ious, cascade_weights and bbox_reg_weights need {n} entries")
+        if any(len(w) != 4 for w in self.bbox_reg_weights):
+            raise ValueError("bbox_reg_weights: each entry needs 4 numbers (wx, wy, ww, wh)")
+        return self
+
+
+class MaskHeadConfig(_Strict):
+    """Standard Mask R-CNN mask branch (torchvision's MaskRCNNHeads); pass two extends it."""
+
+    enabled: bool = False
+    pool_size: int = 14
+    sampling_ratio: int = 2
+    conv_dim: int = 256
+    num_convs: int = Field(4, ge=1)
+    # Train the mask head on at most this many positive RoIs per image (None: all of them).
+    max_positives_per_image: int | None = None
+
+
+class InputConfig(_Strict):
+    # Shorter side, drawn per image from this list in training (multi-scale training).
+    train_sizes: list[int] = [640, 672, 704, 736, 768, 800]
+    test_size: int = 800
+    max_size: int = 1333
+    size_divisible: int = 32
+    image_mean: list[float] = [0.485, 0.456, 0.406]
+    image_std: list[float] = [0.229, 0.224, 0.225]
+
+
+class TrainConfig(_Strict):
+    # Learning rate for `base_batch` images; scaled linearly with the real total batch.
+    base_lr: float = 0.02
+    base_batch: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 500
+    warmup_factor: float = 0.001
+    # Step decay at these fractions of the total iterations, by `gamma` each.
+    steps: list[float] = [0.67, 0.89]
+    gamma: float = 0.1
+    clip_grad_norm: float | None = None
+    hflip_prob: float = 0.5
+    checkpoint_every: int = 1000
+    val_every: int = 0
+    seed: int = 0
+    num_workers: int = 0
+
+
+class ModelConfig(_Strict):
+    name: str
+    backbone: BackboneConfig = BackboneConfig()
+    norm: NormConfig = NormConfig()
+    rpn: RPNConfig = RPNConfig()
+    box_head: BoxHeadConfig = BoxHeadConfig()
+    mask_head: MaskHeadConfig = MaskHeadConfig()
+    input: InputConfig = InputConfig()
+    train: TrainConfig = TrainConfig()
+
+    @property
+    def first_level(self) -> int:
+        if self.backbone.first_level is not None:
+            return self.backbone.first_level
+        return 3 if self.backbone.name.startswith("shufflenet") else 2
+
+    @property
+    def levels(self) -> list[int]:
+        """Pyramid levels the RPN sees: first_level..6."""
+        return list(range(self.first_level, 7))
+
+    @property
+    def roi_levels(self) -> list[int]:
+        """Pyramid levels RoIs are pooled from: first_level..5 (P6 is for the RPN only)."""
+        return list(range(self.first_level, 6))
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        sizes = self.rpn.anchors.sizes
+        if sizes is not None and len(sizes) != len(self.levels):
+            raise ValueError(
+                f"rpn.anchors.sizes has {len(sizes)} entries; levels P{self.first_level}..P6 need {len(self.levels)}"
+            )
+        gn = self.norm.gn_groups
+        if self.norm.heads == "gn":
+            for what, ch in (("backbone.fpn_channels", self.backbone.fpn_channels), ("mask_head.conv_dim", self.mask_head.conv_dim)):
+                if ch % gn:
+                    raise ValueError(f"{what}={ch} is not divisible by norm.gn_groups={gn}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_error(e: ValidationError, source: str) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        parts.append(f"field {loc!r}: {err['msg']}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def config_from_dict(data: Any, source: str = "config") -> ModelConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a model config is a mapping, got {type(data).__name__}")
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+
+
+def load_config(path_or_name: str | Path) -> ModelConfig:
+    """Load a YAML model config: a file path, or the name of a file in `configs/` (no suffix)."""
+    path = Path(path_or_name)
+    if not path.exists() and path.suffix == "" and (CONFIG_DIR / f"{path}.yaml").exists():
+        path = CONFIG_DIR / f"{path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file (nor a name in {CONFIG_DIR})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return config_from_dict(data, str(path))

@@ -1,0 +1,199 @@
+"""RoI pooling over pyramid levels and the box heads (two_fc and Location Sensitive).
+
+Frames: features are FPN maps p{l} of stride 2**l over the padded input batch; proposals are
+list[Tensor[R_i, 4]] XYXY in input-batch pixels (after the model's resize). A box head maps
+(features, proposals) to one vector per RoI, FloatTensor[R, fc_dim], R = sum R_i.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import ps_roi_align, roi_align
+from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format
+
+
+class LevelPooler(nn.Module):
+    """RoI pooling from the pyramid levels `levels` (strides 2**l), by `op` (roi_align or
+    ps_roi_align).
+
+    Replaces torchvision's MultiScaleRoIAlign, which infers the strides from the first batch
+    it sees and caches them; here they come from the config. The level of each RoI follows
+    FPN's Eqn. 1 through torchvision's LevelMapper (canonical 224 px at level 4).
+    """
+
+    def __init__(self, levels: list[int], output_size: int, sampling_ratio: int, op: Callable = roi_align):
+        super().__init__()
+        self.levels = list(levels)
+        self.scales = [2.0 ** -l for l in self.levels]
+        self.output_size = (output_size, output_size)
+        self.sampling_ratio = sampling_ratio
+        self.op = op
+        self.mapper = LevelMapper(self.levels[0], self.levels[-1], canonical_scale=224, canonical_level=4)
+
+    def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+        return self.op(feature, rois, self.output_size, scale, self.sampling_ratio)
+
+    def forward(self, feats: list[Tensor], boxes: list[Tensor]) -> Tensor:
+        """Pool each RoI from its own level. feats: one map per level; -> [R, C_out, p, p]."""
+        rois = _convert_to_roi_format(boxes)
+        if len(feats) == 1:
+            return self._pool(feats[0], rois, self.scales[0])
+        level_of = self.mapper(boxes)
+        out: Tensor | None = None
+        for i, (feat, scale) in enumerate(zip(feats, self.scales)):
+            idx = torch.where(level_of == i)[0]
+            pooled = self._pool(feat, rois[idx], scale)
+            if out is None:
+                out = pooled.new_zeros((rois.shape[0],) + pooled.shape[1:])
+            out[idx] = pooled
+        assert out is not None
+        return out
+
+    def pool_all(self, feats: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
+        """Pool every RoI from every level (PANet adaptive feature pooling); one [R, C_out, p, p] per level."""
+        rois = _convert_to_roi_format(boxes)
+        return [self._pool(f, rois, s) for f, s in zip(feats, self.scales)]
+
+
+def _linear(i: int, o: int) -> nn.Linear:
+    fc = nn.Linear(i, o)
+    nn.init.kaiming_uniform_(fc.weight, a=1)
+    nn.init.zeros_(fc.bias)
+    return fc
+
+
+class PerLevelMaxFusion(nn.Module):
+    """One first layer per level, then element-wise max over levels (PANet)."""
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, pooled: list[Tensor]) -> Tensor:
+        out = self.layers[0](pooled[0].flatten(1))
+        for layer, x in zip(self.layers[1:], pooled[1:]):
+            out = torch.maximum(out, layer(x.flatten(1)))
+        return out
+
+
+class TwoFCHead(nn.Module):
+    """Mask R-CNN baseline: RoIAlign p x p from the FPN, fc6, fc7 (ReLU each).
+
+    multi_scale: pool from every level, per-level fc6, max fusion, fc7.
+    Output FloatTensor[R, fc_dim].
+    """
+
+    def __init__(self, channels: int, levels: list[int], pool_size: int, sampling_ratio: int, fc_dim: int, multi_scale: bool):
+        super().__init__()
+        self.feature_names = [f"p{l}" for l in levels]
+        self.pooler = LevelPooler(levels, pool_size, sampling_ratio, roi_align)
+        self.multi_scale = multi_scale
+        in_dim = channels * pool_size * pool_size
+        if multi_scale:
+            self.fc6 = PerLevelMaxFusion([_linear(in_dim, fc_dim) for _ in levels])
+        else:
+            self.fc6 = _linear(in_dim, fc_dim)
+        self.fc7 = _linear(fc_dim, fc_dim)
+
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor]) -> Tensor:
+        feats = [features[n] for n in self.feature_names]
+        if self.multi_scale:
+            x = self.fc6(self.pooler.pool_all(feats, proposals))
+        else:
+            x = self.fc6(self.pooler(feats, proposals).flatten(1))
+        return F.relu(self.fc7(F.relu(x)))
+
+
+class LargeSeparableConv(nn.Module):
+    """Light-Head R-CNN's large separable convolution: (k x 1 then 1 x k) + (1 x k then k x 1).
+
+    FloatTensor[B, C_in, H, W] -> FloatTensor[B, C_out, H, W]; optional GroupNorm after each
+    branch's first conv.
+    """
+
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, k: int, norm: Callable | None = None):
+        super().__init__()
+        pad = k // 2
+
+        def conv(i: int, o: int, ks: tuple[int, int], pd: tuple[int, int], with_norm: bool) -> nn.Module:
+            c = nn.Conv2d(i, o, ks, padding=pd, bias=not with_norm)
+            nn.init.normal_(c.weight, std=0.01)
+            if c.bias is not None:
+                nn.init.zeros_(c.bias)
+            return nn.Sequential(c, norm(o)) if with_norm else c
+
+        with_norm = norm is not None
+        self.col = nn.Sequential(conv(in_channels, mid_channels, (k, 1), (pad, 0), with_norm), conv(mid_channels, out_channels, (1, k), (0, pad), False))
+        self.row = nn.Sequential(conv(in_channels, mid_channels, (1, k), (0, pad), with_norm), conv(mid_channels, out_channels, (k, 1), (pad, 0), False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.col(x) + self.row(x)
+
+
+class LocationSensitiveHead(nn.Module):
+    """Location Sensitive Detector: per level a large separable conv (shared across levels,
+    as FPN shares its RPN head) makes a thin map of alpha * p * p channels; each RoI is pooled
+    by position-sensitive RoIAlign into [alpha, p, p] (bin (i, j) reads channel group (i, j)),
+    flattened, then one fc (ReLU).
+
+    multi_scale: pool every RoI from every level's thin map, per-level fc, max fusion.
+    Output FloatTensor[R, fc_dim].
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        levels: list[int],
+        p: int,
+        sampling_ratio: int,
+        k: int,
+        mid_channels: int,
+        alpha: int,
+        fc_dim: int,
+        multi_scale: bool,
+        norm: Callable | None = None,
+    ):
+        super().__init__()
+        self.feature_names = [f"p{l}" for l in levels]
+        self.thin = LargeSeparableConv(channels, mid_channels, alpha * p * p, k, norm)
+        self.pooler = LevelPooler(levels, p, sampling_ratio, ps_roi_align)
+        self.multi_scale = multi_scale
+        in_dim = alpha * p * p
+        if multi_scale:
+            self.fc = PerLevelMaxFusion([_linear(in_dim, fc_dim) for _ in levels])
+        else:
+            self.fc = _linear(in_dim, fc_dim)
+
+    def thin_maps(self, features: dict[str, Tensor]) -> list[Tensor]:
+        """One FloatTensor[B, alpha * p * p, H_l, W_l] per level."""
+        return [self.thin(features[n]) for n in self.feature_names]
+
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor]) -> Tensor:
+        thin = self.thin_maps(features)
+        if self.multi_scale:
+            x = self.fc(self.pooler.pool_all(thin, proposals))
+        else:
+            x = self.fc(self.pooler(thin, proposals).flatten(1))
+        return F.relu(x)
+
+
+class BoxPredictor(nn.Module):
+    """Class scores [R, K + 1] and box deltas [R, K + 1, 4] (class-specific) or [R, 1, 4]
+    (class-agnostic), deltas relative to the input RoIs (BoxCoder encoding)."""
+
+    def __init__(self, in_dim: int, num_classes: int, class_agnostic: bool):
+        super().__init__()
+        self.cls_score = nn.Linear(in_dim, num_classes + 1)
+        self.bbox_pred = nn.Linear(in_dim, 4 if class_agnostic else 4 * (num_classes + 1))
+        nn.init.normal_(self.cls_score.weight, std=0.01)
+        nn.init.normal_(self.bbox_pred.weight, std=0.001)
+        nn.init.zeros_(self.cls_score.bias)
+        nn.init.zeros_(self.bbox_pred.bias)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        deltas = self.bbox_pred(x)
+        return self.cls_score(x), deltas.reshape(x.shape[0], -1, 4)

@@ -1,0 +1,169 @@
+"""The detector: a torchvision GeneralizedRCNN (transform -> backbone+FPN -> RPN -> RoI heads).
+
+Input: list of FloatTensor[3, H_i, W_i] in [0, 1] (original images). Output in eval mode:
+one dict per image with boxes FloatTensor[N, 4] XYXY in original-image pixels, scores, labels
+(contiguous 1..K) and, with a mask head, masks FloatTensor[N, 1, H_i, W_i]. In train mode: a
+dict of scalar losses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks, resize_boxes
+
+from .backbone import build_backbone, head_norm
+from .config import ModelConfig
+from .heads import BoxPredictor, LevelPooler, LocationSensitiveHead, TwoFCHead
+from .roi_heads import DetectorRoIHeads
+
+
+class DetectorTransform(GeneralizedRCNNTransform):
+    """torchvision's normalise / resize / pad, with the test size as its own attribute.
+
+    torchvision resizes eval images to `min_size[-1]`; here `test_size` is separate from the
+    training sizes so test-time augmentation can set a view's scale, and `resize=False` feeds
+    images already resized by the caller.
+    """
+
+    def __init__(self, train_sizes: list[int], test_size: int, max_size: int, mean, std, size_divisible: int):
+        super().__init__(tuple(train_sizes), max_size, list(mean), list(std), size_divisible=size_divisible)
+        self.test_size = test_size
+        self.resize_enabled = True
+
+    def resize(self, image: Tensor, target: Optional[dict[str, Tensor]] = None):
+        if not self.resize_enabled:
+            return image, target
+        h, w = image.shape[-2:]
+        size = self.torch_choice(self.min_size) if self.training else self.test_size
+        image, target = _resize_image_and_masks(image, size, self.max_size, target)
+        if target is not None:
+            target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])
+        return image, target
+
+
+class CachedAnchorGenerator(AnchorGenerator):
+    """torchvision's AnchorGenerator, caching the anchors of each grid (torchvision rebuilds
+    them on every forward though they depend only on the grid sizes and strides)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._cache: dict = {}
+
+    def grid_anchors(self, grid_sizes, strides):
+        key = (
+            tuple(tuple(int(v) for v in g) for g in grid_sizes),
+            tuple(tuple(int(v) for v in s) for s in strides),
+            self.cell_anchors[0].device,
+            self.cell_anchors[0].dtype,
+        )
+        hit = self._cache.get(key)
+        if hit is None:
+            if len(self._cache) > 32:
+                self._cache.clear()
+            hit = self._cache[key] = super().grid_anchors(grid_sizes, strides)
+        return hit
+
+
+class Detector(GeneralizedRCNN):
+    """GeneralizedRCNN with the model config attached (`self.config`)."""
+
+    def __init__(self, config: ModelConfig, backbone, rpn, roi_heads, transform):
+        super().__init__(backbone, rpn, roi_heads, transform)
+        self.config = config
+
+    def features(self, images: list[Tensor]):
+        """Transform + backbone: (ImageList in input-batch pixels, OrderedDict p{l})."""
+        image_list, _ = self.transform(images)
+        return image_list, self.backbone(image_list.tensors)
+
+
+def build_rpn(config: ModelConfig) -> RegionProposalNetwork:
+    r = config.rpn
+    strides = [2**l for l in config.levels]
+    sizes = r.anchors.sizes or [r.anchors.scale * s for s in strides]
+    anchors = CachedAnchorGenerator(
+        sizes=tuple((float(s),) for s in sizes), aspect_ratios=(tuple(r.anchors.aspect_ratios),) * len(sizes)
+    )
+    head = RPNHead(config.backbone.fpn_channels, len(r.anchors.aspect_ratios), conv_depth=r.convs)
+    return RegionProposalNetwork(
+        anchors,
+        head,
+        fg_iou_thresh=r.fg_iou_thresh,
+        bg_iou_thresh=r.bg_iou_thresh,
+        batch_size_per_image=r.batch_size_per_image,
+        positive_fraction=r.positive_fraction,
+        pre_nms_top_n={"training": r.pre_nms_top_n_train, "testing": r.pre_nms_top_n_test},
+        post_nms_top_n={"training": r.post_nms_top_n_train, "testing": r.post_nms_top_n_test},
+        nms_thresh=r.nms_thresh,
+    )
+
+
+def build_box_head(config: ModelConfig) -> nn.Module:
+    b = config.box_head
+    ch = config.backbone.fpn_channels
+    if b.type == "two_fc":
+        return TwoFCHead(ch, config.roi_levels, b.pool_size, b.sampling_ratio, b.fc_width, b.multi_scale_roi)
+    return LocationSensitiveHead(
+        ch,
+        config.roi_levels,
+        p=b.pool_size,
+        sampling_ratio=b.sampling_ratio,
+        k=b.kernel_size,
+        mid_channels=b.mid_channels,
+        alpha=b.alpha,
+        fc_dim=b.fc_width,
+        multi_scale=b.multi_scale_roi,
+        norm=head_norm(config),
+    )
+
+
+def build_roi_heads(config: ModelConfig, num_classes: int) -> DetectorRoIHeads:
+    b = config.box_head
+    n = b.cascade_stages
+    mask_kwargs = {}
+    m = config.mask_head
+    if m.enabled:
+        mask_kwargs = dict(
+            mask_roi_pool=LevelPooler(config.roi_levels, m.pool_size, m.sampling_ratio),
+            mask_head=MaskRCNNHeads(config.backbone.fpn_channels, [m.conv_dim] * m.num_convs, 1, norm_layer=head_norm(config)),
+            mask_predictor=MaskRCNNPredictor(m.conv_dim, m.conv_dim, num_classes + 1),
+            mask_feature_names=[f"p{l}" for l in config.roi_levels],
+            max_mask_positives=m.max_positives_per_image,
+        )
+    return DetectorRoIHeads(
+        box_heads=[build_box_head(config) for _ in range(n)],
+        box_predictors=[BoxPredictor(b.fc_width, num_classes, b.agnostic) for _ in range(n)],
+        ious=b.cascade_ious[:n],
+        stage_weights=b.cascade_weights[:n] if n > 1 else [1.0],
+        reg_weights=b.bbox_reg_weights[:n],
+        batch_size_per_image=b.batch_size_per_image,
+        positive_fraction=b.positive_fraction,
+        score_thresh=b.score_thresh,
+        nms_thresh=b.nms_thresh,
+        detections_per_img=b.detections_per_img,
+        **mask_kwargs,
+    )
+
+
+def build_detector(config: ModelConfig, num_classes: int, backbone_weights: str | Path | None = None) -> Detector:
+    """Build the detector for `num_classes` foreground classes (labels 1..K, 0 background).
+
+    backbone_weights: a local torchvision classification state dict; never downloaded.
+    """
+    i = config.input
+    transform = DetectorTransform(i.train_sizes, i.test_size, i.max_size, i.image_mean, i.image_std, i.size_divisible)
+    return Detector(
+        config,
+        build_backbone(config, backbone_weights),
+        build_rpn(config),
+        build_roi_heads(config, num_classes),
+        transform,
+    )
