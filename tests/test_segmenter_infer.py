@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from detector.config import ModelConfig
+from detector.model import build_detector
+from pipeline.categories import Categories
+from pipeline.coco import CocoIndex
+from pipeline.tables import detections_table, rles_of
+from segmenter.infer import View, boxes_from_view, boxes_to_view, mask_probs, segment, views_from
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = ModelConfig.model_validate(dict(
+        name="tiny",
+        backbone=dict(name="resnet18", fpn_channels=16, trainable_stages=5),
+        norm=dict(backbone="bn", gn_groups=4),
+        rpn=dict(pre_nms_top_n_test=64, post_nms_top_n_test=32),
+        box_head=dict(fc_dim=32),
+        mask_head=dict(enabled=True, conv_dim=8, num_convs=1),
+        input=dict(train_sizes=[SIZE], test_size=SIZE, max_size=4 * SIZE),
+    ))
+    torch.manual_seed(0)
+    return build_detector(cfg, num_classes=8).eval()
+
+
+def test_view_box_round_trip():
+    boxes = torch.tensor([[3.5, 7.25, 40.0, 50.5], [0.0, 0.0, 128.0, 96.0]])
+    for flip in (False, True):
+        v = boxes_to_view(boxes, (96, 128), (200, 267), flip)
+        torch.testing.assert_close(boxes_from_view(v, (96, 128), (200, 267), flip), boxes)
+    flipped = boxes_to_view(boxes, (96, 128), (96, 128), True)
+    torch.testing.assert_close(flipped[0], torch.tensor([88.0, 7.25, 124.5, 50.5]))
+
+
+def test_flip_view_equals_flipped_image(model):
+    image = torch.rand(3, 48, SIZE)
+    boxes = torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 2.0, 60.0, 47.0]])
+    labels = torch.tensor([1, 5])
+    via_view = mask_probs(model, image, boxes, labels, [View(SIZE, True)])
+    mirrored = boxes_to_view(boxes, (48, SIZE), (48, SIZE), True)
+    direct = mask_probs(model, image.flip(-1), mirrored, labels, [View(SIZE, False)]).flip(-1)
+    torch.testing.assert_close(via_view, direct)
+    both = mask_probs(model, image, boxes, labels, views_from([SIZE], flip=True))
+    plain = mask_probs(model, image, boxes, labels, [View(SIZE)])
+    torch.testing.assert_close(both, (plain + via_view) / 2)
+
+
+def test_segment_writes_instances_on_given_boxes(model, synth_small):
+    index = CocoIndex.load(synth_small / "annotations.json")
+    images = index.image_set(synth_small / "images")
+    anns = [a for iid in (3, 1) for a in index.anns_by_image[iid]]
+    boxes = np.array([a["bbox"] for a in anns], np.float32)
+    boxes[:, 2:] += boxes[:, :2]
+    det = detections_table([a["image_id"] for a in anns], [a["category_id"] for a in anns],
+                           np.linspace(0.9, 0.1, len(anns)), boxes, "gt")
+    out, report = segment(model, index.categories, images, det, views_from([SIZE, 96], flip=True))
+    assert out.num_rows == len(anns) == report.written
+    assert out.column("image_id").to_pylist() == sorted(a["image_id"] for a in anns)  # grouped by image
+    masks = mask_utils.decode(rles_of(out))
+    assert masks.shape == (128, 128, len(anns))
+    # every mask lies inside its (integer-grown) box, and the scores are the boxes' scores
+    for k, b in enumerate(out.select(["x1", "y1", "x2", "y2"]).to_pylist()):
+        ys, xs = np.nonzero(masks[:, :, k])
+        if len(xs):
+            assert xs.min() >= int(b["x1"]) - 2 and xs.max() <= b["x2"] + 2
+            assert ys.min() >= int(b["y1"]) - 2 and ys.max() <= b["y2"] + 2
+    assert sorted(out.column("score").to_pylist()) == sorted(det.column("score").to_pylist())
+
+
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        (dict(image_id=999), "image_id 999, category_id 1.*image not in the image set"),
+        (dict(category_id=42), "image_id 1, category_id 42.*category the segmenter was not trained on"),
+        (dict(box=[5, 5, 5, 9]), r"image_id 1, category_id 1, box \[5.0, 5.0, 5.0, 9.0\]\): degenerate box"),
+        (dict(box=[5, 5, float("nan"), 9]), "image_id 1, category_id 1, box .*nan.*non-finite box or score"),
+    ],
+)
+def test_bad_rows_are_named_or_skipped(model, synth_small, row, message):
+    index = CocoIndex.load(synth_small / "annotations.json")
+    images = index.image_set(synth_small / "images")
+    good = dict(image_id=1, category_id=1, box=[2, 2, 20, 20])
+    bad = {**good, **row}
+    rows = [good, bad]
+    det = detections_table([r["image_id"] for r in rows], [r["category_id"] for r in rows], [0.5, 0.5],
+                           np.array([r["box"] for r in rows], np.float32), "x")
+    with pytest.raises(ValueError, match=rf"dets\.parquet: row 1 \({message}"):
+        segment(model, index.categories, images, det, [View(SIZE)], what="dets.parquet")
+    out, report = segment(model, index.categories, images, det, [View(SIZE)], skip_invalid=True)
+    assert out.num_rows == 1 and sum(report.skipped.values()) == 1
+
+
+def test_zero_boxes_give_empty_valid_output(model, synth_small):
+    index = CocoIndex.load(synth_small / "annotations.json")
+    out, report = segment(model, Categories.from_coco(index.raw["categories"]), index.image_set(synth_small / "images"),
+                          detections_table([], [], [], np.zeros((0, 4)), "x"), [View(SIZE)])
+    assert out.num_rows == 0 and "mask_counts" in out.column_names and report.written == 0
