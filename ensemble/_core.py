@@ -73,6 +73,15 @@ def _active_counts(sizes_desc: np.ndarray, length: int, offset: int) -> list[int
     return np.searchsorted(-sizes_desc, -(np.arange(length) + offset), side="left").tolist()
 
 
+def _started(sizes_desc: np.ndarray, length: int) -> list[int]:
+    """For right-aligned rows, each step i < length - 1: how many groups have started (>= L - i boxes).
+
+    Those are the leading rows (sizes descending), and their positions i.. are all real boxes:
+    a step never computes on padding.
+    """
+    return np.searchsorted(-sizes_desc, -(length - np.arange(length - 1)), side="right").tolist()
+
+
 def _starts(sizes: np.ndarray) -> np.ndarray:
     return (np.cumsum(sizes) - sizes).astype(np.int64)
 
@@ -106,10 +115,7 @@ def soft_nms_groups(
         p[5] = scores[index]
         p[6] = index
         rows = np.arange(len(groups))
-        # Step i works on the groups that have started (at least L - i boxes), whose
-        # positions i.. are all real boxes: no padding is ever compared or decayed.
-        started = np.searchsorted(-sizes[groups], -(length - np.arange(length - 1)), side="right").tolist()
-        for i, k in enumerate(started):
+        for i, k in enumerate(_started(sizes[groups], length)):
             r = rows[:k]
             rest = p[5, :k, i + 1 :]
             best = rest.argmax(axis=1)
@@ -155,23 +161,21 @@ def nms_groups(boxes: np.ndarray, sizes: np.ndarray, iou_thr: float) -> np.ndarr
     starts = _starts(sizes)
     keep = np.zeros(len(boxes), dtype=bool)
     for groups in _chunks(sizes):
-        index, valid, _ = _pad(starts, sizes, groups)
+        index, valid, _ = _pad(starts, sizes, groups, right=True)
         length = index.shape[1]
         p = _planes(boxes, index, valid)
         suppressed = ~valid
-        for i, k in enumerate(_active_counts(sizes[groups], length - 1, 1)):
+        for i, k in enumerate(_started(sizes[groups], length)):
             live = ~suppressed[:k, i]
             if not live.any():
                 continue
-            x1, y1, x2, y2, area = p[:, :k, i, None]
-            w = np.minimum(x2, p[2, :k, i + 1 :])
-            w -= np.maximum(x1, p[0, :k, i + 1 :])
-            np.maximum(w, 0.0, out=w)
-            h = np.minimum(y2, p[3, :k, i + 1 :])
-            h -= np.maximum(y1, p[1, :k, i + 1 :])
-            np.maximum(h, 0.0, out=h)
-            inter = np.multiply(w, h, out=w)
-            union = area + p[4, :k, i + 1 :]
+            # IoU of box i with every later one, as nms_float_fast: inter = x overlap * y overlap.
+            later = p[:, :k, i + 1 :]
+            overlap = np.minimum(p[2:4, :k, i, None], later[2:4])
+            overlap -= np.maximum(p[0:2, :k, i, None], later[0:2])
+            np.maximum(overlap, 0.0, out=overlap)
+            inter = overlap[0] * overlap[1]
+            union = p[4, :k, i, None] + later[4]
             union -= inter
             ovr = np.divide(inter, union, out=inter)
             suppressed[:k, i + 1 :] |= live[:, None] & ~(ovr <= iou_thr)
@@ -222,34 +226,34 @@ def wbf_groups(
         n_clusters = np.zeros(g_count, dtype=np.int64)
         assign = np.zeros((g_count, length), dtype=np.int64)
         rows = np.arange(g_count)
-        for j, k in enumerate(_active_counts(sizes[groups], length, 0)):
-            r = rows[:k]
-            nb = b[:, :k, j]
-            ns = s[:k, j]
-            made = int(n_clusters[:k].max())
-            # IoU with every cluster's current box, as find_matching_box_fast computes it.
-            f = fused[:, :k, :made]
-            overlap = np.minimum(f[2:4], nb[2:4, :, None])
-            overlap -= np.maximum(f[0:2], nb[0:2, :, None])
-            np.maximum(overlap, 0.0, out=overlap)
-            inter = overlap[0] * overlap[1]
-            union = f[4] + nb[5, :, None]
-            union -= inter
-            iou = np.divide(inter, union, out=inter)
-            best = iou.argmax(axis=1) if made else np.zeros(k, dtype=np.int64)
-            new = iou[r, best] <= iou_thr if made else np.ones(k, dtype=bool)
-            c = np.where(new, n_clusters[:k], best)
-            # Join cluster c; a new cluster starts from zero sums, which gives the same numbers.
-            acc = sums[:, r, c]
-            acc += ns * nb[:5]
-            acc[:4] = acc[:4].astype(np.float32)  # get_weighted_box sums in a float32 array
-            sums[:, r, c] = acc
-            with np.errstate(invalid="ignore", divide="ignore"):  # clusters of 0 scores: NaN, as the reference
+        with np.errstate(invalid="ignore", divide="ignore"):  # clusters of 0 scores: NaN, as the reference
+            for j, k in enumerate(_active_counts(sizes[groups], length, 0)):
+                r = rows[:k]
+                nb = b[:, :k, j]
+                ns = s[:k, j]
+                made = int(n_clusters[:k].max())
+                # IoU with every cluster's current box, as find_matching_box_fast computes it.
+                f = fused[:, :k, :made]
+                overlap = np.minimum(f[2:4], nb[2:4, :, None])
+                overlap -= np.maximum(f[0:2], nb[0:2, :, None])
+                np.maximum(overlap, 0.0, out=overlap)
+                inter = overlap[0] * overlap[1]
+                union = f[4] + nb[5, :, None]
+                union -= inter
+                iou = np.divide(inter, union, out=inter)
+                best = iou.argmax(axis=1) if made else np.zeros(k, dtype=np.int64)
+                new = iou[r, best] <= iou_thr if made else np.ones(k, dtype=bool)
+                c = np.where(new, n_clusters[:k], best)
+                # Join cluster c; a new cluster starts from zero sums, which gives the same numbers.
+                acc = sums[:, r, c]
+                acc += ns * nb[:5]
+                acc[:4] = acc[:4].astype(np.float32)  # get_weighted_box sums in a float32 array
+                sums[:, r, c] = acc
                 box = np.where(new, nb[:4], (acc[:4] / acc[4]).astype(np.float32))
-            fused[:4, r, c] = box
-            fused[4, r, c] = (box[2] - box[0]) * (box[3] - box[1])
-            assign[:k, j] = c
-            n_clusters[:k] += new
+                fused[:4, r, c] = box
+                fused[4, r, c] = (box[2] - box[0]) * (box[3] - box[1])
+                assign[:k, j] = c
+                n_clusters[:k] += new
         cluster[index[valid]] = assign[valid]
         made = np.arange(length)[None, :] < n_clusters[:, None]
         rows_out = (starts[groups][:, None] + np.arange(length)[None, :])[made]

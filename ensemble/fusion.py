@@ -154,10 +154,8 @@ def clean_boxes(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     As ensemble_boxes' `prepare_boxes` / `prefilter_boxes` do. b: (N, 4); returns (N, 4), (N,) bool.
     """
     b = np.clip(b, 0.0, 1.0)
-    b = np.stack(
-        [np.minimum(b[:, 0], b[:, 2]), np.minimum(b[:, 1], b[:, 3]), np.maximum(b[:, 0], b[:, 2]), np.maximum(b[:, 1], b[:, 3])],
-        axis=1,
-    )
+    lo, hi = np.minimum(b[:, :2], b[:, 2:]), np.maximum(b[:, :2], b[:, 2:])
+    b = np.concatenate([lo, hi], axis=1)
     return b, (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) != 0.0
 
 
@@ -339,7 +337,8 @@ def reference(fn_name: str, flat: Flat, weights: np.ndarray | None, **params: An
     s = [flat.scores[r].copy() for r in per_model]  # nms_method rescales these lists in place
     lab = [flat.labels[r] for r in per_model]
     w = None if weights is None else weights.tolist()
-    empty = Result(np.zeros((0, 4)), np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((0, 4)))
+    none = np.zeros(0, dtype=np.int64)
+    empty = Result(np.zeros((0, 4)), np.zeros(0), none, none.copy(), np.zeros((0, 4)))
     if fn_name != "weighted_boxes_fusion" and not clean_boxes(flat.boxes)[1].any():
         return empty  # nms_method fails on np.concatenate([]) when no box is left
     if len(flat.boxes) == 0:
@@ -489,4 +488,5 @@ def weighted_boxes_fusion(
     rank[np.argsort(first)] = np.arange(len(uniq))
     by_label = np.argsort(rank[np.searchsorted(uniq, result.labels)], kind="stable")
     order = by_label[np.argsort(result.scores[by_label])[::-1]]
-    return _output(Result(*(getattr(result, f)[order] for f in ("boxes", "scores", "labels", "image", "scale"))), tensors)
+    fields = ("boxes", "scores", "labels", "image", "scale")
+    return _output(Result(*(getattr(result, f)[order] for f in fields)), tensors)

@@ -195,7 +195,8 @@ def _run_reference(flat: fusion.Flat, method: str, weights: np.ndarray | None, *
     if method == "wbf":
         fn, kw = "weighted_boxes_fusion", {k: p[k] for k in ("iou_thr", "skip_box_thr", "conf_type", "allows_overflow")}
     elif method == "soft-nms":
-        fn, kw = "soft_nms", dict(method=1 if p["linear"] else 2, iou_thr=p["iou_thr"], sigma=p["sigma"], thresh=p["thresh"])
+        fn = "soft_nms"
+        kw = dict(method=1 if p["linear"] else 2, iou_thr=p["iou_thr"], sigma=p["sigma"], thresh=p["thresh"])
     else:
         fn, kw = "nms", dict(iou_thr=p["iou_thr"])
     parts = []

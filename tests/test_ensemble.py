@@ -233,7 +233,8 @@ def test_tensors_in_tensors_out():
 def test_empty_inputs_give_empty_outputs():
     for fn in (soft_nms, nms, weighted_boxes_fusion):
         for backend in ("vectorised", "ensemble_boxes"):
-            b, s, lab = fn([np.zeros((0, 4))] * 2, [np.zeros(0)] * 2, [np.zeros(0, dtype=int)] * 2, SIZE, backend=backend)
+            none = ([np.zeros((0, 4))] * 2, [np.zeros(0)] * 2, [np.zeros(0, dtype=int)] * 2)
+            b, s, lab = fn(*none, SIZE, backend=backend)
             assert b.shape == (0, 4) and s.shape == (0,) and lab.shape == (0,)
             # Only boxes outside the image: nothing survives the clipping.
             b, s, lab = fn(np.array([[700.0, 0, 800, 10]]), np.array([0.5]), np.array([1]), SIZE, backend=backend)

@@ -117,7 +117,7 @@ def test_fuse_output_contract():
     assert set(fused.column("source").to_pylist()) == {"soft-nms:model0+model1+model2"}
     assert fuse(tables, "nms", source="ens").column("source")[0].as_py() == "ens"
     # Labels survive: every output category is an input category of the same image.
-    cats_in = {(i, c) for t in tables for i, c in zip(t.column("image_id").to_pylist(), t.column("category_id").to_pylist())}
+    cats_in = {pair for t in tables for pair in zip(t.column("image_id").to_pylist(), t.column("category_id").to_pylist())}
     assert set(zip(ids.tolist(), fused.column("category_id").to_pylist())) <= cats_in
 
 
@@ -287,7 +287,8 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path, cli):
     assert msg == "twopass: error: weights: 2 weights for 3 inputs; give one weight per input"
     assert "not a comma-separated list" in error_of(cli("fuse", p0, "--weights", "2;1", "--out", out))
     assert "method: 'soft'" in error_of(cli("fuse", p0, "--method", "soft", "--out", out))
-    assert f"{tmp_path / 'nope.parquet'}: no such file" in error_of(cli("fuse", p0, tmp_path / "nope.parquet", "--out", out))
+    nope = tmp_path / "nope.parquet"
+    assert f"{nope}: no such file" in error_of(cli("fuse", p0, nope, "--out", out))
 
     other = Categories((1, 2, 3), ("c1", "c2", "x3"))
     (odd,) = write_inputs(tmp_path / "odd", [tables[1]], categories=other)
