@@ -121,7 +121,7 @@ class LargeSeparableConv(nn.Module):
 
         def conv(i: int, o: int, ks: tuple[int, int], pd: tuple[int, int], with_norm: bool) -> nn.Module:
             c = nn.Conv2d(i, o, ks, padding=pd, bias=not with_norm)
-            nn.init.normal_(c.weight, std=0.01)
+            nn.init.kaiming_uniform_(c.weight, a=1)
             if c.bias is not None:
                 nn.init.zeros_(c.bias)
             return nn.Sequential(c, norm(o)) if with_norm else c

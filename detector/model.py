@@ -37,6 +37,16 @@ class DetectorTransform(GeneralizedRCNNTransform):
         super().__init__(tuple(train_sizes), max_size, list(mean), list(std), size_divisible=size_divisible)
         self.test_size = test_size
         self.resize_enabled = True
+        # False: eval outputs keep the RoI-sized soft masks [N, 1, M, M] for the caller to paste
+        # (test-time augmentation pastes each view's masks into the original frame itself).
+        self.paste_masks = True
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        if self.training or self.paste_masks:
+            return super().postprocess(result, image_shapes, original_image_sizes)
+        for r, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
+            r["boxes"] = resize_boxes(r["boxes"], im_s, o_im_s)
+        return result
 
     def resize(self, image: Tensor, target: Optional[dict[str, Tensor]] = None):
         if not self.resize_enabled:

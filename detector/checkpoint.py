@@ -1,0 +1,221 @@
+"""Checkpoints: weights as safetensors, a JSON beside them (kind, config, categories,
+iteration), and for resuming the optimizer state as a second safetensors file plus JSON.
+
+No pickle anywhere: loading a checkpoint cannot run code. Layout of a run folder:
+
+    RUN/checkpoints/iter_0001000.safetensors   model weights
+    RUN/checkpoints/iter_0001000.json          {"kind", "config", "categories", "iteration", ...}
+    RUN/checkpoints/iter_0001000.optim.safetensors   optimizer tensors (resume only)
+    RUN/checkpoints/last.json                  {"checkpoint": "iter_0001000.json"}
+
+Every file is written atomically (`pipeline.fileio.atomic_path`); `last.json` goes last, so
+it only ever names a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.categories import Categories
+from pipeline.fileio import atomic_path, read_json, write_json
+
+FORMAT = "twopass-checkpoint-1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable or does not fit; the message names the file."""
+
+
+@dataclass
+class CheckpointMeta:
+    path: Path  # the JSON file
+    kind: str
+    config: dict[str, Any]
+    categories: Categories
+    iteration: int
+    extra: dict[str, Any]
+
+    @property
+    def weights_path(self) -> Path:
+        return self.path.with_suffix(".safetensors")
+
+    @property
+    def optim_path(self) -> Path:
+        return self.path.with_suffix(".optim.safetensors")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel (or the model itself)."""
+    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    # clone: safetensors refuses tensors sharing storage, and views may be non-contiguous
+    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(flat, str(tmp), metadata=metadata)
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, state in sd["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{pid}.{key}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_state(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        _, pid, key = name.split(".", 2)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, values in info.get("scalars", {}).items():
+        state.setdefault(int(pid), {}).update(values)
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    model: nn.Module,
+    *,
+    kind: str,
+    config: dict[str, Any],
+    categories: Categories,
+    iteration: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the checkpoint of `iteration` under RUN/checkpoints; returns the JSON path."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    stem = ckpt_dir / f"iter_{iteration:07d}"
+    json_path = stem.with_suffix(".json")
+    _save_tensors(stem.with_suffix(".safetensors"), unwrap(model).state_dict(), {"format": FORMAT})
+    meta: dict[str, Any] = {
+        "format": FORMAT,
+        "kind": kind,
+        "iteration": int(iteration),
+        "config": config,
+        "categories": categories.to_coco(),
+        "weights": stem.with_suffix(".safetensors").name,
+        "extra": extra or {},
+    }
+    if optimizer is not None:
+        tensors, info = optimizer_tensors(optimizer)
+        _save_tensors(stem.with_suffix(".optim.safetensors"), tensors)
+        meta["optimizer"] = info
+    write_json(json_path, meta, indent=1)
+    write_json(ckpt_dir / "last.json", {"checkpoint": json_path.name})
+    return json_path
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint JSON from: the JSON, its .safetensors, a run folder or its checkpoints/."""
+    p = Path(path)
+    if p.is_dir():
+        for d in (p / "checkpoints", p):
+            last = d / "last.json"
+            if last.is_file():
+                try:
+                    name = read_json(last)["checkpoint"]
+                except (ValueError, KeyError, TypeError) as e:
+                    raise CheckpointError(f"{last}: unreadable ({e})") from None
+                return d / name
+        raise CheckpointError(f"{p}: no checkpoint in this folder (no checkpoints/last.json)")
+    if p.suffix == ".safetensors":
+        p = p.with_suffix("").with_suffix(".json") if p.name.endswith(".optim.safetensors") else p.with_suffix(".json")
+    if not p.is_file():
+        raise CheckpointError(f"{p}: no such checkpoint")
+    return p
+
+
+def read_meta(path: str | Path) -> CheckpointMeta:
+    p = resolve(path)
+    try:
+        d = read_json(p)
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointError(f"{p}: not a checkpoint ({e})") from None
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not a twopass checkpoint (format {d.get('format') if isinstance(d, dict) else None!r})")
+    for key in ("kind", "config", "categories", "iteration"):
+        if key not in d:
+            raise CheckpointError(f"{p}: checkpoint JSON has no {key!r}")
+    try:
+        categories = Categories.from_coco(d["categories"], source=str(p))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{p}: bad categories ({e})") from None
+    extra = dict(d.get("extra") or {})
+    if "optimizer" in d:
+        extra["_optimizer"] = d["optimizer"]
+    return CheckpointMeta(p, d["kind"], d["config"], categories, int(d["iteration"]), extra)
+
+
+def load_weights(model: nn.Module, meta: CheckpointMeta) -> None:
+    """Load the checkpoint's weights into `model`, strictly, naming what does not fit."""
+    state = _load_tensors(meta.weights_path)
+    own = unwrap(model).state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or bad:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected {unexpected[:3]}")
+        if bad:
+            parts.append(f"shape differs for {bad[:3]} (checkpoint {tuple(state[bad[0]].shape)}, model {tuple(own[bad[0]].shape)})")
+        raise CheckpointError(f"{meta.weights_path}: weights do not fit the model ({'; '.join(parts)})")
+    unwrap(model).load_state_dict(state, strict=True)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, meta: CheckpointMeta) -> None:
+    info = meta.extra.get("_optimizer")
+    if info is None:
+        raise CheckpointError(f"{meta.path}: holds no optimizer state; cannot resume from it")
+    tensors = _load_tensors(meta.optim_path)
+    try:
+        optimizer.load_state_dict(optimizer_state(tensors, info))
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{meta.optim_path}: optimizer state does not fit ({e})") from None
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, meta) from a detector checkpoint."""
+    from .config import ConfigError, config_from_dict
+    from .model import build_detector
+
+    meta = read_meta(path)
+    if meta.kind != "detector":
+        raise CheckpointError(f"{meta.path}: a {meta.kind!r} checkpoint, expected 'detector'")
+    try:
+        config = config_from_dict(meta.config, f"{meta.path} (config)")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    model = build_detector(config, meta.categories.num_classes)
+    load_weights(model, meta)
+    return model.to(device).eval(), meta

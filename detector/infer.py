@@ -1,0 +1,202 @@
+"""Inference over an image set with test-time augmentation (scales x horizontal flip).
+
+Each view is made here, explicitly: the original image [3, H, W] is resized to the view size
+(the model's own resize rule: shorter side `scale`, longer side at most `max_size`) and
+mirrored if the view flips; the model sees it as is (its resize is switched off) and returns
+boxes in the view frame; `from_view` maps them back (unflip in the view frame, then rescale).
+Output rows are in original-image pixels with COCO category ids, `source` naming the model and
+the view (`r50_lsd@640`, `r50_lsd@640+flip`), so the fusion stage merges views and models alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.categories import Categories
+from pipeline.tables import detections_table, instances_table
+
+
+@dataclass(frozen=True)
+class View:
+    """One test-time view: shorter side `scale` px, mirrored or not."""
+
+    scale: int
+    flip: bool = False
+
+    def source(self, model_name: str) -> str:
+        return f"{model_name}@{self.scale}" + ("+flip" if self.flip else "")
+
+
+def make_views(scales: Sequence[int], flip: bool) -> list[View]:
+    views = []
+    for s in scales:
+        views.append(View(int(s)))
+        if flip:
+            views.append(View(int(s), True))
+    return views
+
+
+def view_size(h: int, w: int, scale: int, max_size: int) -> tuple[int, int]:
+    """(h', w') of the view: torchvision's GeneralizedRCNNTransform rule and rounding
+    (interpolate with scale_factor and recompute_scale_factor=True floors h * f)."""
+    f = min(float(scale) / min(h, w), float(max_size) / max(h, w))
+    return int(math.floor(float(h) * f)), int(math.floor(float(w) * f))
+
+
+def flip_boxes(boxes: Tensor, width: int | float) -> Tensor:
+    """Mirror XYXY boxes in an image `width` wide: x -> width - x (x1 and x2 swap). Self-inverse."""
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
+def rescale_boxes(boxes: Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> Tensor:
+    """XYXY boxes from an image of size from_hw to one of size to_hw (x by w ratio, y by h ratio)."""
+    ry = to_hw[0] / from_hw[0]
+    rx = to_hw[1] / from_hw[1]
+    scale = torch.tensor([rx, ry, rx, ry], dtype=torch.float64, device=boxes.device)
+    return (boxes.double() * scale).to(boxes.dtype)
+
+
+def to_view(boxes: Tensor, orig_hw: tuple[int, int], view_hw: tuple[int, int], flip: bool) -> Tensor:
+    """Original-image boxes -> view-frame boxes."""
+    b = rescale_boxes(boxes, orig_hw, view_hw)
+    return flip_boxes(b, view_hw[1]) if flip else b
+
+
+def from_view(boxes: Tensor, orig_hw: tuple[int, int], view_hw: tuple[int, int], flip: bool) -> Tensor:
+    """View-frame boxes -> original-image boxes: the exact inverse of `to_view`."""
+    b = flip_boxes(boxes, view_hw[1]) if flip else boxes
+    return rescale_boxes(b, view_hw, orig_hw)
+
+
+def make_view_image(image: Tensor, view: View, max_size: int) -> Tensor:
+    """Image FloatTensor[3, H, W] -> the view's FloatTensor[3, h', w'] (bilinear, as torchvision)."""
+    h, w = image.shape[-2:]
+    vh, vw = view_size(h, w, view.scale, max_size)
+    if (vh, vw) != (h, w):
+        image = F.interpolate(image[None], size=(vh, vw), mode="bilinear", align_corners=False)[0]
+    return image.flip(-1) if view.flip else image
+
+
+@contextlib.contextmanager
+def inference_settings(model: nn.Module, score_thresh: float | None, max_per_image: int | None) -> Iterator[None]:
+    """Model takes images already in the view frame, keeps RoI-sized masks; thresholds set for the run."""
+    t, rh = model.transform, model.roi_heads
+    saved = (t.resize_enabled, t.paste_masks, rh.score_thresh, rh.detections_per_img, model.training)
+    t.resize_enabled, t.paste_masks = False, False
+    if score_thresh is not None:
+        rh.score_thresh = score_thresh
+    if max_per_image is not None:
+        rh.detections_per_img = max_per_image
+    model.eval()
+    try:
+        yield
+    finally:
+        t.resize_enabled, t.paste_masks, rh.score_thresh, rh.detections_per_img, training = saved
+        model.train(training)
+
+
+def predict(model: nn.Module, images: list[Tensor], view: View, max_size: int) -> list[dict[str, Tensor]]:
+    """Predictions for original images [3, H_i, W_i] in [0, 1] through one view; boxes in
+    original-image pixels; masks (if any) as RoI-sized soft masks [N, 1, M, M] already unflipped.
+    Call inside `inference_settings`."""
+    view_images = [make_view_image(im, view, max_size) for im in images]
+    outputs = model(view_images)
+    for im, vim, o in zip(images, view_images, outputs):
+        o["boxes"] = from_view(o["boxes"], tuple(im.shape[-2:]), tuple(vim.shape[-2:]), view.flip)
+        if view.flip and "masks" in o:
+            o["masks"] = o["masks"].flip(-1)
+    return outputs
+
+
+def masks_to_rles(soft: Tensor, boxes: Tensor, hw: tuple[int, int]) -> list[dict]:
+    """RoI soft masks [N, 1, M, M] pasted at boxes (original pixels), thresholded at 0.5, as RLEs."""
+    from pycocotools import mask as mask_utils
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    if len(boxes) == 0:
+        return []
+    full = paste_masks_in_image(soft, boxes, hw)[:, 0] > 0.5
+    arr = np.asfortranarray(full.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
+    return list(mask_utils.encode(arr))
+
+
+def detect(
+    model: nn.Module,
+    image_set,
+    categories: Categories,
+    *,
+    model_name: str,
+    views: Sequence[View] | None = None,
+    batch: int = 2,
+    device: str | torch.device = "cpu",
+    score_thresh: float | None = None,
+    max_per_image: int | None = None,
+    with_masks: bool = False,
+    image_ids: Sequence[int] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> pa.Table:
+    """Detections (or instances, with_masks) of every image of `image_set` (a
+    `pipeline.coco.ImageSet`) through every view. Labels map to COCO ids via `categories`."""
+    config = model.config
+    views = list(views) if views else [View(config.input.test_size)]
+    max_size = config.input.max_size
+    ids = list(image_set.image_ids if image_ids is None else image_ids)
+    cols: dict[str, list] = {"image_id": [], "category_id": [], "score": [], "boxes": [], "source": []}
+    rles: list[dict] = []
+    if with_masks and not model.roi_heads.has_mask():
+        raise ValueError(f"model {model_name!r} has no mask head; cannot write instances")
+    with inference_settings(model, score_thresh, max_per_image), torch.inference_mode():
+        for start in range(0, len(ids), batch):
+            chunk = ids[start : start + batch]
+            images = [image_set.read(i).to(device).float().div_(255.0) for i in chunk]
+            for view in views:
+                for image_id, im, o in zip(chunk, images, predict(model, images, view, max_size)):
+                    n = len(o["boxes"])
+                    if n == 0:
+                        continue
+                    cols["image_id"].append(np.full(n, image_id, dtype=np.int64))
+                    cols["category_id"].append(categories.to_category_ids(o["labels"].cpu().numpy()))
+                    cols["score"].append(o["scores"].float().cpu().numpy())
+                    cols["boxes"].append(o["boxes"].float().cpu().numpy())
+                    cols["source"].extend([view.source(model_name)] * n)
+                    if with_masks:
+                        rles.extend(masks_to_rles(o["masks"], o["boxes"], tuple(im.shape[-2:])))
+            if progress is not None:
+                progress(min(start + batch, len(ids)))
+    cat = lambda xs, dtype, shape: np.concatenate(xs).astype(dtype) if xs else np.zeros(shape, dtype)  # noqa: E731
+    table = detections_table(
+        cat(cols["image_id"], np.int64, (0,)),
+        cat(cols["category_id"], np.int32, (0,)),
+        cat(cols["score"], np.float32, (0,)),
+        cat(cols["boxes"], np.float32, (0, 4)),
+        cols["source"],
+    )
+    return instances_table(table, rles) if with_masks else table
+
+
+def make_validator(
+    ann_file, image_root, categories: Categories, *, batch: int = 2, device: str | torch.device = "cpu", with_masks: bool = False
+) -> Callable[[nn.Module], dict[str, Any]]:
+    """validate(model) -> COCO metrics of the model on a COCO set, for the training engine."""
+    from pipeline.coco import CocoIndex
+    from pipeline.evaluate import evaluate
+
+    index = CocoIndex.load(ann_file)
+    categories.check_same(index.categories, f"validation set {ann_file}")
+    image_set = index.image_set(image_root)
+
+    def validate(model: nn.Module) -> dict[str, Any]:
+        table = detect(model, image_set, categories, model_name="val", batch=batch, device=device, with_masks=with_masks)
+        iou_types = ("bbox", "segm") if with_masks else ("bbox",)
+        return evaluate(index.raw, table, iou_types=iou_types)
+
+    return validate

@@ -1,0 +1,236 @@
+"""Training engine: overfitting, exact resume, schedule, checkpoints and their errors, CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from detector.checkpoint import CheckpointError, load_detector, read_meta, save_checkpoint
+from detector.config import ModelConfig, TrainConfig
+from detector.infer import make_validator
+from detector.model import build_detector
+from detector.train import TrainOptions, effective_lr, lr_at, train
+from pipeline.categories import Categories
+from pipeline.coco import CocoDataset
+
+TINY_YAML = """\
+name: tiny
+backbone: {name: resnet18, fpn_channels: 16, trainable_stages: 5}
+norm: {backbone: bn}
+rpn: {pre_nms_top_n_train: 64, post_nms_top_n_train: 32, batch_size_per_image: 32}
+box_head: {type: location_sensitive, fc_dim: 32, kernel_size: 3, mid_channels: 8, alpha: 2, batch_size_per_image: 16}
+input: {train_sizes: [64], test_size: 64, max_size: 96}
+train: {warmup_iters: 2, clip_grad_norm: 5.0}
+"""
+
+
+def tiny_config(**box) -> ModelConfig:
+    return ModelConfig.model_validate(
+        dict(
+            name="tiny",
+            backbone=dict(name="resnet18", fpn_channels=16, trainable_stages=5),
+            norm=dict(backbone="bn"),
+            rpn=dict(pre_nms_top_n_train=64, post_nms_top_n_train=32, batch_size_per_image=32),
+            box_head=dict(type="location_sensitive", fc_dim=32, kernel_size=3, mid_channels=8, alpha=2, batch_size_per_image=16, **box),
+            mask_head=dict(enabled=True, conv_dim=8, num_convs=1, max_positives_per_image=3),
+            input=dict(train_sizes=[48, 64, 80], test_size=64, max_size=96),
+            train=dict(warmup_iters=2, steps=[0.5], clip_grad_norm=5.0),
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def dataset(synth_small):
+    return CocoDataset(synth_small / "annotations.json", synth_small / "images", with_masks=True)
+
+
+def _run(cfg, dataset, out, iters=6, **kw):
+    torch.manual_seed(0)
+    model = build_detector(cfg, dataset.categories.num_classes)
+    opts = TrainOptions(out=out, iters=iters, batch=2, progress=False, checkpoint_every=2, **kw)
+    return train(model, dataset, opts, cfg.train, kind="detector", config=cfg.to_dict(), categories=dataset.categories)
+
+
+def test_overfits_eight_images(synth_small):
+    """A small LSD detector learns 8 synthetic 128 px images: loss falls by far more than half
+    and AP50 on those images reaches 0.9."""
+    cfg = ModelConfig.model_validate(
+        dict(
+            name="overfit",
+            backbone=dict(name="resnet18", fpn_channels=32, trainable_stages=5),
+            norm=dict(backbone="bn"),
+            rpn=dict(anchors=dict(sizes=[8, 16, 32, 64, 128]), pre_nms_top_n_train=300, post_nms_top_n_train=150,
+                     pre_nms_top_n_test=300, post_nms_top_n_test=150, batch_size_per_image=64),
+            box_head=dict(type="location_sensitive", fc_dim=128, kernel_size=5, mid_channels=16, alpha=4,
+                          batch_size_per_image=64, positive_fraction=0.5),
+            input=dict(train_sizes=[128], test_size=128, max_size=128),
+            train=dict(base_lr=0.02, base_batch=8, warmup_iters=20, steps=[0.8], hflip_prob=0.0, clip_grad_norm=5.0),
+        )
+    )
+    ds = CocoDataset(synth_small / "annotations.json", synth_small / "images", with_masks=False)
+    torch.manual_seed(0)
+    model = build_detector(cfg, ds.categories.num_classes)
+    validate = make_validator(synth_small / "annotations.json", synth_small / "images", ds.categories, batch=8)
+    opts = TrainOptions(out=synth_small.parent / "overfit_run", iters=100, batch=8, progress=False, checkpoint_every=1000)
+    result = train(model, ds, opts, cfg.train, kind="detector", config=cfg.to_dict(), categories=ds.categories, validate=validate)
+    losses = [h["loss"] for h in result.history]
+    first, last = sum(losses[:3]) / 3, sum(losses[-10:]) / 10
+    assert last < 0.35 * first, (first, last)
+    assert result.val["bbox"]["AP50"] >= 0.9, result.val["bbox"]
+
+
+def test_resume_equals_uninterrupted(dataset, tmp_path):
+    """Stopped after iteration 5 (last checkpoint at 4) and resumed: the same weights, bit for
+    bit, as 6 iterations in one go (cascade, mask head, multi-scale training, flips included)."""
+    cfg = tiny_config(cascade_stages=3)
+    a = _run(cfg, dataset, tmp_path / "a")
+    b1 = _run(cfg, dataset, tmp_path / "b", stop_at=5)
+    assert b1.iteration == 5 and read_meta(tmp_path / "b").iteration == 4
+    b2 = _run(cfg, dataset, tmp_path / "b", resume=True)
+    assert a.iteration == b2.iteration == 6 and len(b2.history) == 2
+    wa = load_file(str(tmp_path / "a/checkpoints/iter_0000006.safetensors"))
+    wb = load_file(str(tmp_path / "b/checkpoints/iter_0000006.safetensors"))
+    assert wa.keys() == wb.keys()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    oa = load_file(str(tmp_path / "a/checkpoints/iter_0000006.optim.safetensors"))
+    ob = load_file(str(tmp_path / "b/checkpoints/iter_0000006.optim.safetensors"))
+    assert all(torch.equal(oa[k], ob[k]) for k in oa)
+    # The JSONL holds each iteration once: the lost iteration 5 was replaced, not duplicated.
+    lines = [json.loads(l) for l in (tmp_path / "b/metrics.jsonl").read_text().splitlines()]
+    assert [l["iter"] for l in lines] == [1, 2, 3, 4, 5, 6]
+    assert lines[4]["loss"] == pytest.approx([h for h in a.history if h["iter"] == 5][0]["loss"])
+    # Training further than the run's end needs a larger --iters.
+    with pytest.raises(ValueError, match="already trained"):
+        _run(cfg, dataset, tmp_path / "b", resume=True)
+
+
+def test_lr_schedule_scales_warms_and_decays():
+    cfg = TrainConfig(base_lr=0.02, base_batch=16, warmup_iters=10, warmup_factor=0.001, steps=[0.5, 0.75], gamma=0.1)
+    peak = effective_lr(None, cfg, total_batch=4)
+    assert peak == pytest.approx(0.005)
+    assert effective_lr(0.04, cfg, total_batch=32) == pytest.approx(0.08)
+    assert lr_at(0, 100, peak, cfg) == pytest.approx(peak * 0.001)
+    assert lr_at(5, 100, peak, cfg) == pytest.approx(peak * (0.001 * 0.5 + 0.5))
+    assert lr_at(10, 100, peak, cfg) == pytest.approx(peak)
+    assert lr_at(49, 100, peak, cfg) == pytest.approx(peak)
+    assert lr_at(50, 100, peak, cfg) == pytest.approx(peak * 0.1)
+    assert lr_at(80, 100, peak, cfg) == pytest.approx(peak * 0.01)
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    cfg = tiny_config()
+    cats = Categories((3, 7), ("a", "b"))
+    torch.manual_seed(0)
+    model = build_detector(cfg, 2)
+    path = save_checkpoint(tmp_path / "run", model, kind="detector", config=cfg.to_dict(), categories=cats, iteration=3)
+    for ref in (tmp_path / "run", path, path.with_suffix(".safetensors")):
+        loaded, meta = load_detector(ref)
+        assert meta.iteration == 3 and meta.categories == cats and not loaded.training
+        for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert k == k2 and torch.equal(v, v2)
+    with pytest.raises(CheckpointError, match="no checkpoint in this folder"):
+        load_detector(tmp_path)
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        load_detector(tmp_path / "nope.json")
+    # A truncated weights file
+    weights = path.with_suffix(".safetensors")
+    blob = weights.read_bytes()
+    weights.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match=r"iter_0000003.safetensors: not a readable safetensors"):
+        load_detector(path)
+    weights.write_bytes(blob)
+    # Weights of another architecture
+    meta = json.loads(path.read_text())
+    meta["config"]["box_head"]["fc_dim"] = 64
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do not fit the model.*box_heads"):
+        load_detector(path)
+    # A config that no longer validates, a JSON that is not a checkpoint, a wrong kind
+    meta["config"]["box_head"]["type"] = "nonsense"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"box_head\.type"):
+        load_detector(path)
+    path.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(CheckpointError, match="not a twopass checkpoint"):
+        load_detector(path)
+    path.write_text("{broken")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_detector(path)
+    meta["config"]["box_head"]["type"] = "two_fc"
+    meta["kind"] = "segmenter"
+    path.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="expected 'detector'"):
+        load_detector(path)
+
+
+def test_category_mismatch_is_a_clear_error(dataset, tmp_path):
+    cfg = tiny_config()
+    other = Categories((1, 2), ("ellipse", "rectangle"))
+    model = build_detector(cfg, 2)
+    with pytest.raises(ValueError, match="training set .*category list does not match"):
+        train(model, dataset, TrainOptions(out=tmp_path, iters=1, progress=False), cfg.train, kind="detector", config=cfg.to_dict(), categories=other)
+    _run(cfg, dataset, tmp_path / "r", iters=2)
+    model = build_detector(cfg, 2)
+    # Resuming a run with a dataset of other categories
+    meta = read_meta(tmp_path / "r")
+    blob = json.loads(meta.path.read_text())
+    blob["categories"] = other.to_coco()
+    meta.path.write_text(json.dumps(blob))
+    with pytest.raises(ValueError, match="resume from .*category list does not match"):
+        _run(cfg, dataset, tmp_path / "r", iters=4, resume=True)
+
+
+runner = CliRunner()
+
+
+def test_cli_train_detect_and_user_errors(synth_small, tmp_path):
+    from pipeline.cli import app
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(TINY_YAML)
+    ann, images, run = synth_small / "annotations.json", synth_small / "images", tmp_path / "run"
+    r = runner.invoke(app, ["train-detector", "--config", str(cfg), "--train-ann", str(ann), "--train-images", str(images),
+                            "--out", str(run), "--iters", "3", "--batch", "2", "--checkpoint-every", "2", "--no-progress",
+                            "--val-ann", str(ann), "--val-images", str(images)])
+    assert r.exit_code == 0, r.output
+    assert (run / "checkpoints" / "iter_0000002.json").is_file() and (run / "checkpoints" / "iter_0000003.json").is_file()
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["iter"] for x in records if "loss" in x] == [1, 2, 3]
+    assert "bbox" in records[-1]["val"]
+    out = tmp_path / "det.parquet"
+    r = runner.invoke(app, ["detect", "--checkpoint", str(run), "--images", str(images), "--ann", str(ann), "--out", str(out),
+                            "--tta-scales", "48,64", "--tta-flip", "--max-per-image", "20"])
+    assert r.exit_code == 0, r.output
+    from pipeline.tables import read_table
+
+    table, meta = read_table(out, "detections")
+    assert set(table.column("source").to_pylist()) == {"tiny@48", "tiny@48+flip", "tiny@64", "tiny@64+flip"}
+    assert set(table.column("category_id").to_pylist()) <= set(meta.categories.ids)
+    assert table.column("x2").to_numpy().max() <= 128 and table.column("y1").to_numpy().min() >= 0
+    assert meta.extra["views"] == ["tiny@48", "tiny@48+flip", "tiny@64", "tiny@64+flip"]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True)
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY_YAML.replace("location_sensitive", "lsd"))
+    p = cli("train-detector", "--config", str(bad), "--train-ann", str(ann), "--train-images", str(images), "--out", str(tmp_path / "x"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "bad.yaml" in p.stderr and "box_head.type" in p.stderr
+    p = cli("detect", "--checkpoint", str(tmp_path / "missing"), "--images", str(images), "--out", str(tmp_path / "y.parquet"))
+    assert p.returncode == 2 and "missing" in p.stderr and "Traceback" not in p.stderr
+    other = json.loads(ann.read_text())
+    other["categories"] = other["categories"][:-1] + [{"id": 99, "name": "blob"}]
+    other["annotations"] = [a for a in other["annotations"] if a["category_id"] != 8]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    p = cli("detect", "--checkpoint", str(run), "--images", str(images), "--ann", str(tmp_path / "other.json"), "--out", str(tmp_path / "z.parquet"))
+    assert p.returncode == 2 and "category list does not match" in p.stderr and "Traceback" not in p.stderr
+    p = cli("detect", "--checkpoint", str(run), "--images", str(images), "--out", str(tmp_path / "z.parquet"), "--tta-scales", "a,b")
+    assert p.returncode == 2 and "--tta-scales" in p.stderr
