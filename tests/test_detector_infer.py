@@ -1,0 +1,173 @@
+"""Inference: views undo exactly, TTA sources, masks, and the inference-only speed rewrites."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.models.detection.transform import _resize_image_and_masks
+
+from detector.config import ModelConfig
+from detector.infer import View, detect, flip_boxes, from_view, make_view_image, make_views, predict, to_view, view_size, inference_settings
+from detector.model import build_detector
+from detector.speed import fold_batchnorm, optimize_for_inference
+from pipeline.categories import Categories
+from pipeline.coco import ImageSet
+
+
+def test_view_size_matches_torchvision_resize():
+    for h, w in [(128, 128), (100, 80), (427, 640), (33, 517), (800, 1216)]:
+        for scale, max_size in [(48, 96), (64, 1333), (480, 800), (800, 1333), (641, 1000)]:
+            img = torch.zeros(3, h, w)
+            resized, _ = _resize_image_and_masks(img, scale, max_size)
+            assert view_size(h, w, scale, max_size) == tuple(resized.shape[-2:])
+            # and the view image itself is what the model's transform would feed
+            assert tuple(make_view_image(img, View(scale), max_size).shape[-2:]) == tuple(resized.shape[-2:])
+
+
+def test_tta_box_round_trip():
+    g = torch.Generator().manual_seed(0)
+    orig = (427, 640)
+    xy = torch.rand(50, 2, generator=g) * torch.tensor([600.0, 400.0])
+    wh = torch.rand(50, 2, generator=g) * 40 + 0.5
+    boxes = torch.cat([xy, xy + wh], 1)
+    assert torch.allclose(flip_boxes(flip_boxes(boxes, 640), 640), boxes, atol=1e-4, rtol=0)
+    for scale in (320, 480, 640, 800, 1000):
+        for flip in (False, True):
+            vhw = view_size(*orig, scale, 1333)
+            v = to_view(boxes, orig, vhw, flip)
+            assert (v[:, 2] > v[:, 0]).all() and (v[:, 3] > v[:, 1]).all()
+            back = from_view(v, orig, vhw, flip)
+            assert torch.allclose(back, boxes, atol=1e-4, rtol=0), (scale, flip, (back - boxes).abs().max())
+    # A box at the left edge comes back to the left edge from the mirrored view.
+    b = torch.tensor([[0.0, 10.0, 30.0, 50.0]])
+    v = to_view(b, orig, view_size(*orig, 800, 1333), True)
+    assert v[0, 2].item() == pytest.approx(view_size(*orig, 800, 1333)[1])
+    assert torch.allclose(from_view(v, orig, view_size(*orig, 800, 1333), True), b, atol=1e-4)
+
+
+class BrightBoxModel(nn.Module):
+    """Stands in for a detector: 'detects' the bright square of each input image in the frame
+    of the image it is given (so the test sees what `detect` does with the view frames)."""
+
+    def __init__(self, test_size=64, max_size=1333):
+        super().__init__()
+        self.config = SimpleNamespace(input=SimpleNamespace(test_size=test_size, max_size=max_size))
+        self.transform = SimpleNamespace(resize_enabled=True, paste_masks=True)
+        self.roi_heads = SimpleNamespace(score_thresh=0.05, detections_per_img=100, has_mask=lambda: False)
+        self.seen: list[tuple] = []
+
+    def forward(self, images):
+        assert not self.transform.resize_enabled  # inference takes the view frame as given
+        out = []
+        for im in images:
+            self.seen.append(tuple(im.shape[-2:]))
+            ys, xs = torch.where(im[0] > 0.5)
+            box = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+            out.append({"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([2])})
+        return out
+
+
+def test_detect_undoes_each_view(tmp_path):
+    """An off-centre square through 3 scales x flip comes back where it is in the original."""
+    h, w = 90, 120
+    x1, y1, x2, y2 = 10, 20, 50, 44  # far from symmetric, so a missing unflip would show
+    a = np.zeros((h, w, 3), np.uint8)
+    a[y1:y2, x1:x2] = 255
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(a).save(tmp_path / "imgs" / "a.png")
+    image_set = ImageSet.from_folder(tmp_path / "imgs")
+    model = BrightBoxModel()
+    cats = Categories((5, 9), ("x", "y"))
+    views = make_views([45, 90, 180], flip=True)
+    table = detect(model, image_set, cats, model_name="m", views=views)
+    assert table.column("source").to_pylist() == ["m@45", "m@45+flip", "m@90", "m@90+flip", "m@180", "m@180+flip"]
+    assert model.seen == [(45, 60), (45, 60), (90, 120), (90, 120), (180, 240), (180, 240)]
+    assert set(table.column("category_id").to_pylist()) == {9}
+    boxes = np.stack([table.column(c).to_numpy() for c in ("x1", "y1", "x2", "y2")], 1)
+    # exact at the native scale; within the resampling blur (one view pixel) at the others
+    assert np.allclose(boxes[2:4], [x1, y1, x2, y2], atol=1e-4)
+    assert np.allclose(boxes, [[x1, y1, x2, y2]] * 6, atol=2.01)
+    assert model.transform.resize_enabled and model.roi_heads.score_thresh == 0.05  # settings restored
+
+
+def _tiny(**over) -> ModelConfig:
+    base = dict(
+        name="tiny",
+        backbone=dict(name="resnet18", fpn_channels=16, trainable_stages=5),
+        norm=dict(backbone="frozen_bn"),
+        box_head=dict(type="location_sensitive", fc_dim=32, kernel_size=3, mid_channels=8, alpha=2, score_thresh=0.0),
+        mask_head=dict(enabled=True, conv_dim=8, num_convs=1),
+        input=dict(train_sizes=[64], test_size=64, max_size=96),
+    )
+    base.update(over)
+    return ModelConfig.model_validate(base)
+
+
+def _randomise_frozen_bn(model):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            n = m.weight.numel()
+            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+
+
+def test_explicit_views_equal_the_models_own_resize():
+    torch.manual_seed(0)
+    model = build_detector(_tiny(), 3).eval()
+    images = [torch.rand(3, 100, 80), torch.rand(3, 70, 90)]
+    with torch.no_grad():
+        ref = model(images)
+        with inference_settings(model, None, None):
+            mine = predict(model, images, View(64), 96)
+    for r, m in zip(ref, mine):
+        assert torch.allclose(r["boxes"], m["boxes"], atol=1e-3) and torch.allclose(r["scores"], m["scores"], atol=1e-5)
+
+
+def test_instances_with_masks(tmp_path):
+    torch.manual_seed(0)
+    model = build_detector(_tiny(), 3).eval()
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray((np.random.default_rng(0).random((70, 90, 3)) * 255).astype(np.uint8)).save(tmp_path / "imgs" / "a.png")
+    image_set = ImageSet.from_folder(tmp_path / "imgs")
+    table = detect(model, image_set, Categories((1, 2, 3), ("a", "b", "c")), model_name="t", views=make_views([64], True), with_masks=True, max_per_image=5)
+    assert table.num_rows == 10
+    assert set(table.column("mask_height").to_pylist()) == {70} and set(table.column("mask_width").to_pylist()) == {90}
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "shufflenet_v2_x0_5"])
+def test_batchnorm_folding_and_channels_last_keep_outputs(backbone):
+    torch.manual_seed(0)
+    model = build_detector(_tiny(backbone=dict(name=backbone, fpn_channels=16, trainable_stages=3)), 3).eval()
+    with torch.no_grad():
+        _randomise_frozen_bn(model)
+    fast = optimize_for_inference(copy.deepcopy(model), channels_last=True)
+    assert not any(type(m).__name__ == "FrozenBatchNorm2d" for m in fast.backbone.modules())
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = model.backbone(x)
+        got = fast.backbone(x)
+        for k in ref:
+            assert torch.allclose(ref[k], got[k], atol=1e-4, rtol=1e-4), k
+        images = [torch.rand(3, 64, 64)]
+        a, b = model(images)[0], fast(images)[0]
+    assert torch.allclose(a["scores"][:20], b["scores"][:20], atol=1e-4)
+    assert torch.allclose(a["boxes"][:20], b["boxes"][:20], atol=1e-2)
+
+
+def test_fold_counts_every_resnet_batchnorm():
+    import torchvision
+    from detector.backbone import freeze_batchnorm
+
+    net = freeze_batchnorm(torchvision.models.resnet50(weights=None))
+    assert fold_batchnorm(net) == 53  # stem + 16 blocks x 3 + 4 downsample
