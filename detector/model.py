@@ -135,12 +135,22 @@ def build_box_head(config: ModelConfig) -> nn.Module:
     )
 
 
-def build_roi_heads(config: ModelConfig, num_classes: int) -> DetectorRoIHeads:
+def build_roi_heads(
+    config: ModelConfig, num_classes: int, mask_branch: nn.Module | None = None, mask_loss_fn=None
+) -> DetectorRoIHeads:
+    """Box stages from the config; the mask branch given (the segmenter's) or the standard one."""
     b = config.box_head
     n = b.cascade_stages
     mask_kwargs = {}
     m = config.mask_head
-    if m.enabled:
+    if mask_branch is not None:
+        mask_kwargs = dict(
+            mask_branch=mask_branch,
+            mask_loss_fn=mask_loss_fn,
+            mask_feature_names=[f"p{l}" for l in config.roi_levels],
+            max_mask_positives=m.max_positives_per_image,
+        )
+    elif m.enabled:
         mask_kwargs = dict(
             mask_roi_pool=LevelPooler(config.roi_levels, m.pool_size, m.sampling_ratio),
             mask_head=MaskRCNNHeads(config.backbone.fpn_channels, [m.conv_dim] * m.num_convs, 1, norm_layer=head_norm(config)),
@@ -163,10 +173,17 @@ def build_roi_heads(config: ModelConfig, num_classes: int) -> DetectorRoIHeads:
     )
 
 
-def build_detector(config: ModelConfig, num_classes: int, backbone_weights: str | Path | None = None) -> Detector:
+def build_detector(
+    config: ModelConfig,
+    num_classes: int,
+    backbone_weights: str | Path | None = None,
+    mask_branch: nn.Module | None = None,
+    mask_loss_fn=None,
+) -> Detector:
     """Build the detector for `num_classes` foreground classes (labels 1..K, 0 background).
 
     backbone_weights: a local torchvision classification state dict; never downloaded.
+    mask_branch, mask_loss_fn: the segmenter's mask branch and loss (see DetectorRoIHeads).
     """
     i = config.input
     transform = DetectorTransform(i.train_sizes, i.test_size, i.max_size, i.image_mean, i.image_std, i.size_divisible)
@@ -174,6 +191,6 @@ def build_detector(config: ModelConfig, num_classes: int, backbone_weights: str 
         config,
         build_backbone(config, backbone_weights),
         build_rpn(config),
-        build_roi_heads(config, num_classes),
+        build_roi_heads(config, num_classes, mask_branch, mask_loss_fn),
         transform,
     )

@@ -9,7 +9,7 @@ cascade runs several box stages. Frames: proposals and outputs are XYXY in input
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,8 @@ class DetectorRoIHeads(RoIHeads):
         mask_predictor: Optional[nn.Module] = None,
         mask_feature_names: Optional[list[str]] = None,
         max_mask_positives: Optional[int] = None,
+        mask_branch: Optional[nn.Module] = None,
+        mask_loss_fn: Optional[Callable[..., dict[str, Tensor]]] = None,
     ):
         super().__init__(
             box_roi_pool=None,
@@ -87,6 +89,10 @@ class DetectorRoIHeads(RoIHeads):
         self.coders = [det_utils.BoxCoder(tuple(w)) for w in reg_weights[:n]]
         self.mask_feature_names = mask_feature_names or []
         self.max_mask_positives = max_mask_positives
+        # The segmenter plugs its own branch in: branch(feats, boxes) -> logits [R, K + 1, M, M],
+        # and its own loss with maskrcnn_loss's arguments, returning a dict of losses.
+        self.mask_branch = mask_branch
+        self.mask_loss_fn = mask_loss_fn
 
     @property
     def num_stages(self) -> int:
@@ -209,16 +215,21 @@ class DetectorRoIHeads(RoIHeads):
 
     # ----------------------------------------------------------------- mask branch
 
+    def has_mask(self) -> bool:
+        return self.mask_branch is not None or super().has_mask()
+
     def mask_logits(self, features: dict[str, Tensor], boxes: list[Tensor]) -> Tensor:
         """Mask logits [R, K + 1, M, M] for boxes (input-batch pixels)."""
         feats = [features[n] for n in self.mask_feature_names]
+        if self.mask_branch is not None:
+            return self.mask_branch(feats, boxes)
         x = self.mask_roi_pool(feats, boxes)
         return self.mask_predictor(self.mask_head(x))
 
     def predict_masks(self, features: dict[str, Tensor], boxes: list[Tensor], labels: list[Tensor]) -> list[Tensor]:
         """Soft masks [R_i, 1, M, M] of each box's own class."""
         if sum(len(b) for b in boxes) == 0:
-            m = self.mask_roi_pool.output_size[0] * 2
+            m = self.mask_branch.mask_size if self.mask_branch is not None else self.mask_roi_pool.output_size[0] * 2
             return [b.new_zeros((0, 1, m, m)) for b in boxes]
         return list(maskrcnn_inference(self.mask_logits(features, boxes), labels))
 
@@ -231,5 +242,7 @@ class DetectorRoIHeads(RoIHeads):
             pos_props.append(props[pos])
             pos_matched.append(m[pos])
         logits = self.mask_logits(features, pos_props)
-        loss = maskrcnn_loss(logits, pos_props, [t["masks"] for t in targets], [t["labels"] for t in targets], pos_matched)
-        return {"loss_mask": loss}
+        args = (logits, pos_props, [t["masks"] for t in targets], [t["labels"] for t in targets], pos_matched)
+        if self.mask_loss_fn is not None:
+            return self.mask_loss_fn(*args)
+        return {"loss_mask": maskrcnn_loss(*args)}
