@@ -17,47 +17,11 @@ import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
+from detector.infer import View, inference_settings, make_view_image, to_view
 from pipeline.categories import Categories
 from pipeline.coco import ImageSet
+from pipeline.masks import paste_and_encode
 from pipeline.tables import boxes_of, empty_table, instances_table
-
-from .paste import paste_and_encode
-
-
-@dataclass(frozen=True)
-class View:
-    """A test-time view: shorter side `scale` pixels, mirrored left-right if `flip`."""
-
-    scale: int
-    flip: bool = False
-
-    @property
-    def name(self) -> str:
-        return f"{self.scale}" + ("+flip" if self.flip else "")
-
-
-def views_from(scales: Sequence[int], flip: bool) -> list[View]:
-    return [View(s, f) for s in scales for f in ((False, True) if flip else (False,))]
-
-
-def boxes_to_view(boxes: Tensor, image_size: tuple[int, int], input_size: tuple[int, int], flip: bool) -> Tensor:
-    """Map XYXY boxes from original-image pixels to a view's input pixels (flip, then resize)."""
-    h, w = image_size
-    ih, iw = input_size
-    b = boxes.clone()
-    if flip:
-        b[:, 0], b[:, 2] = w - boxes[:, 2], w - boxes[:, 0]
-    return b * b.new_tensor([iw / w, ih / h, iw / w, ih / h])
-
-
-def boxes_from_view(boxes: Tensor, image_size: tuple[int, int], input_size: tuple[int, int], flip: bool) -> Tensor:
-    """Inverse of `boxes_to_view`."""
-    h, w = image_size
-    ih, iw = input_size
-    b = boxes * boxes.new_tensor([w / iw, h / ih, w / iw, h / ih])
-    if flip:
-        b[:, 0], b[:, 2] = w - b[:, 2].clone(), w - b[:, 0].clone()
-    return b
 
 
 @torch.inference_mode()
@@ -65,26 +29,23 @@ def mask_probs(model: nn.Module, image: Tensor, boxes: Tensor, labels: Tensor, v
     """Averaged soft masks FloatTensor[N, M, M] of each box's own class, in each box's frame.
 
     image: FloatTensor[3, H, W] in [0, 1]; boxes: FloatTensor[N, 4] XYXY original pixels;
-    labels: Int64Tensor[N] contiguous 1..K. `model` is a detector with a mask branch.
+    labels: Int64Tensor[N] contiguous 1..K. `model` is a detector with a mask branch. Views
+    resize and mirror the image exactly as the detector's test-time augmentation does.
     """
-    size = (image.shape[-2], image.shape[-1])
+    orig_hw = (image.shape[-2], image.shape[-1])
+    max_size = model.config.input.max_size
     total: Tensor | None = None
-    transform = model.transform
-    keep_size = transform.test_size
-    try:
+    with inference_settings(model, None, None):
         for v in views:
-            transform.test_size = v.scale
-            x = image.flip(-1) if v.flip else image
-            image_list, _ = transform([x])
+            view_image = make_view_image(image, v, max_size)
+            image_list, _ = model.transform([view_image])
             features = model.backbone(image_list.tensors)
-            b = boxes_to_view(boxes, size, tuple(image_list.image_sizes[0]), v.flip)
+            b = to_view(boxes, orig_hw, tuple(view_image.shape[-2:]), v.flip)
             logits = model.roi_heads.mask_logits(features, [b])
             p = logits[torch.arange(len(labels), device=logits.device), labels].sigmoid()
             if v.flip:
                 p = p.flip(-1)
             total = p if total is None else total + p
-    finally:
-        transform.test_size = keep_size
     assert total is not None
     return total / len(views)
 

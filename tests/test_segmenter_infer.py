@@ -8,7 +8,8 @@ from detector.model import build_detector
 from pipeline.categories import Categories
 from pipeline.coco import CocoIndex
 from pipeline.tables import detections_table, rles_of
-from segmenter.infer import View, boxes_from_view, boxes_to_view, mask_probs, segment, views_from
+from detector.infer import View, make_views, to_view
+from segmenter.infer import mask_probs, segment
 
 SIZE = 64
 
@@ -28,24 +29,15 @@ def model():
     return build_detector(cfg, num_classes=8).eval()
 
 
-def test_view_box_round_trip():
-    boxes = torch.tensor([[3.5, 7.25, 40.0, 50.5], [0.0, 0.0, 128.0, 96.0]])
-    for flip in (False, True):
-        v = boxes_to_view(boxes, (96, 128), (200, 267), flip)
-        torch.testing.assert_close(boxes_from_view(v, (96, 128), (200, 267), flip), boxes)
-    flipped = boxes_to_view(boxes, (96, 128), (96, 128), True)
-    torch.testing.assert_close(flipped[0], torch.tensor([88.0, 7.25, 124.5, 50.5]))
-
-
 def test_flip_view_equals_flipped_image(model):
     image = torch.rand(3, 48, SIZE)
     boxes = torch.tensor([[4.0, 6.0, 30.0, 40.0], [20.0, 2.0, 60.0, 47.0]])
     labels = torch.tensor([1, 5])
     via_view = mask_probs(model, image, boxes, labels, [View(SIZE, True)])
-    mirrored = boxes_to_view(boxes, (48, SIZE), (48, SIZE), True)
+    mirrored = to_view(boxes, (48, SIZE), (48, SIZE), True)
     direct = mask_probs(model, image.flip(-1), mirrored, labels, [View(SIZE, False)]).flip(-1)
     torch.testing.assert_close(via_view, direct)
-    both = mask_probs(model, image, boxes, labels, views_from([SIZE], flip=True))
+    both = mask_probs(model, image, boxes, labels, make_views([SIZE], flip=True))
     plain = mask_probs(model, image, boxes, labels, [View(SIZE)])
     torch.testing.assert_close(both, (plain + via_view) / 2)
 
@@ -58,7 +50,7 @@ def test_segment_writes_instances_on_given_boxes(model, synth_small):
     boxes[:, 2:] += boxes[:, :2]
     det = detections_table([a["image_id"] for a in anns], [a["category_id"] for a in anns],
                            np.linspace(0.9, 0.1, len(anns)), boxes, "gt")
-    out, report = segment(model, index.categories, images, det, views_from([SIZE, 96], flip=True))
+    out, report = segment(model, index.categories, images, det, make_views([SIZE, 96], flip=True))
     assert out.num_rows == len(anns) == report.written
     assert out.column("image_id").to_pylist() == sorted(a["image_id"] for a in anns)  # grouped by image
     masks = mask_utils.decode(rles_of(out))
