@@ -5,7 +5,7 @@ field; `pipeline.cli.main` prints them on one line and exits 2."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 
@@ -22,77 +22,96 @@ def _parse_scales(text: Optional[str]) -> list[int] | None:
     return scales
 
 
-def train_detector(
-    config: Annotated[str, typer.Option(help="Model config YAML, or a name in configs/.")],
-    train_ann: Annotated[Path, typer.Option(help="Training COCO annotations JSON.")],
-    train_images: Annotated[Path, typer.Option(help="Training image folder.")],
-    out: Annotated[Path, typer.Option(help="Run folder: checkpoints/, metrics.jsonl.")],
-    iters: Annotated[int, typer.Option(help="Total iterations.")] = 1000,
-    batch: Annotated[int, typer.Option(help="Images per process and iteration.")] = 2,
-    lr: Annotated[Optional[float], typer.Option(help="LR for the config's train.base_batch images; scaled linearly with the real total batch. Default: the config's base_lr.")] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
-    val_ann: Annotated[Optional[Path], typer.Option(help="Validation COCO annotations JSON.")] = None,
-    val_images: Annotated[Optional[Path], typer.Option(help="Validation image folder.")] = None,
-    val_every: Annotated[Optional[int], typer.Option(help="Validate every N iterations (0: at the end only).")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N iterations (always at the end).")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint.")] = False,
-    backbone_weights: Annotated[Optional[Path], typer.Option(help="Local torchvision classification state dict (.pth or .safetensors).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed (default: the config's).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Data loader worker processes.")] = None,
-    time_budget: Annotated[Optional[float], typer.Option(help="Stop (and save) after this many seconds of training.")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-) -> None:
-    """Train a detector (one process, or several under torchrun: gloo on CPU, NCCL on GPU)."""
-    import torch
+def make_train_command(kind: str, load: Callable[[], tuple[Callable, Callable]]) -> Callable[..., None]:
+    """The `train-<kind>` command: same options, engine and checkpoints for every model kind.
 
-    from pipeline.coco import CocoDataset
+    load() -> (load_config(path_or_name), build_model(config, num_classes, backbone_weights)),
+    imported only when the command runs.
+    """
 
-    from .checkpoint import CheckpointError, read_meta
+    def command(
+        config: Annotated[str, typer.Option(help="Model config YAML, or a name in configs/.")],
+        train_ann: Annotated[Path, typer.Option(help="Training COCO annotations JSON.")],
+        train_images: Annotated[Path, typer.Option(help="Training image folder.")],
+        out: Annotated[Path, typer.Option(help="Run folder: checkpoints/, metrics.jsonl.")],
+        iters: Annotated[int, typer.Option(help="Total iterations.")] = 1000,
+        batch: Annotated[int, typer.Option(help="Images per process and iteration.")] = 2,
+        lr: Annotated[Optional[float], typer.Option(help="LR for the config's train.base_batch images; scaled linearly with the real total batch. Default: the config's base_lr.")] = None,
+        device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+        val_ann: Annotated[Optional[Path], typer.Option(help="Validation COCO annotations JSON.")] = None,
+        val_images: Annotated[Optional[Path], typer.Option(help="Validation image folder.")] = None,
+        val_every: Annotated[Optional[int], typer.Option(help="Validate every N iterations (0: at the end only).")] = None,
+        checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N iterations (always at the end).")] = None,
+        resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint.")] = False,
+        backbone_weights: Annotated[Optional[Path], typer.Option(help="Local torchvision classification state dict (.pth or .safetensors).")] = None,
+        seed: Annotated[Optional[int], typer.Option(help="Seed (default: the config's).")] = None,
+        workers: Annotated[Optional[int], typer.Option(help="Data loader worker processes.")] = None,
+        time_budget: Annotated[Optional[float], typer.Option(help="Stop (and save) after this many seconds of training.")] = None,
+        progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    ) -> None:
+        import torch
+
+        from pipeline.coco import CocoDataset
+
+        from .checkpoint import CheckpointError, read_meta
+        from .infer import make_validator
+        from .train import TrainOptions, train
+
+        load_config, build_model = load()
+
+        cfg = load_config(config)
+        if (val_ann is None) != (val_images is None):
+            raise ValueError("--val-ann and --val-images go together")
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+        dataset = CocoDataset(train_ann, train_images, with_masks=cfg.mask_head.enabled)
+        categories = dataset.categories
+        weights = backbone_weights
+        if resume:
+            try:
+                meta = read_meta(out)
+            except CheckpointError:
+                meta = None
+            if meta is not None:
+                if meta.config != cfg.to_dict():
+                    raise ValueError(f"--resume: config {config} differs from the one in {meta.path}")
+                weights = None  # the checkpoint holds them
+        torch.manual_seed(cfg.train.seed if seed is None else seed)
+        model = build_model(cfg, categories.num_classes, weights)
+        validate = None
+        if val_ann is not None:
+            validate = make_validator(val_ann, val_images, categories, batch=batch, device=device, with_masks=cfg.mask_head.enabled)
+        options = TrainOptions(
+            out=out,
+            iters=iters,
+            batch=batch,
+            lr=lr,
+            device=device,
+            resume=resume,
+            checkpoint_every=checkpoint_every,
+            val_every=val_every,
+            seed=seed,
+            num_workers=workers,
+            progress=progress,
+            sync_bn=cfg.norm.backbone == "sync_bn",
+            time_budget_s=time_budget,
+        )
+        result = train(model, dataset, options, cfg.train, kind=kind, config=cfg.to_dict(), categories=categories, validate=validate)
+        if int(__import__("os").environ.get("RANK", "0")) == 0:
+            typer.echo(f"trained {cfg.name} to iteration {result.iteration}: {result.checkpoint}")
+
+    command.__doc__ = f"Train a {kind} (one process, or several under torchrun: gloo on CPU, NCCL on GPU)."
+    return command
+
+
+def _load_detector_builders():
     from .config import load_config
-    from .infer import make_validator
     from .model import build_detector
-    from .train import TrainOptions, train
 
-    cfg = load_config(config)
-    if (val_ann is None) != (val_images is None):
-        raise ValueError("--val-ann and --val-images go together")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
-    dataset = CocoDataset(train_ann, train_images, with_masks=cfg.mask_head.enabled)
-    categories = dataset.categories
-    weights = backbone_weights
-    if resume:
-        try:
-            meta = read_meta(out)
-        except CheckpointError:
-            meta = None
-        if meta is not None:
-            if meta.config != cfg.to_dict():
-                raise ValueError(f"--resume: config {config} differs from the one in {meta.path}")
-            weights = None  # the checkpoint holds them
-    torch.manual_seed(cfg.train.seed if seed is None else seed)
-    model = build_detector(cfg, categories.num_classes, weights)
-    validate = None
-    if val_ann is not None:
-        validate = make_validator(val_ann, val_images, categories, batch=batch, device=device, with_masks=cfg.mask_head.enabled)
-    options = TrainOptions(
-        out=out,
-        iters=iters,
-        batch=batch,
-        lr=lr,
-        device=device,
-        resume=resume,
-        checkpoint_every=checkpoint_every,
-        val_every=val_every,
-        seed=seed,
-        num_workers=workers,
-        progress=progress,
-        sync_bn=cfg.norm.backbone == "sync_bn",
-        time_budget_s=time_budget,
-    )
-    result = train(model, dataset, options, cfg.train, kind="detector", config=cfg.to_dict(), categories=categories, validate=validate)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
-        typer.echo(f"trained {cfg.name} to iteration {result.iteration}: {result.checkpoint}")
+    return load_config, build_detector
+
+
+train_detector = make_train_command("detector", _load_detector_builders)
 
 
 def detect(
