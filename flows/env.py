@@ -1,0 +1,37 @@
+"""Prefect settings chosen before Prefect is imported. No Prefect import here."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULTS = {
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "INFO",
+}
+
+
+def configure(run_dir: str | Path | None = None) -> dict[str, str]:
+    """Set this project's Prefect defaults where the user has not set them.
+
+    With `run_dir` and no `PREFECT_HOME` and no `PREFECT_API_URL` (the embedded server), Prefect's
+    home (its SQLite database, default local result storage) goes to `run_dir/prefect`, so a
+    run leaves nothing outside its folder. Returns the values now in effect. Must run before
+    the first `import prefect` of the process to take effect.
+    """
+    for key, value in DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    if run_dir is not None and not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str((Path(run_dir) / "prefect").resolve()))
+    if os.environ.get("PREFECT_HOME"):
+        # The embedded server cannot create its SQLite database in a folder that does not exist
+        # (it then waits out the whole startup timeout).
+        Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    return {k: os.environ[k] for k in (*DEFAULTS, "PREFECT_HOME") if k in os.environ}
+
+
+def prefect_imported() -> bool:
+    import sys
+
+    return "prefect" in sys.modules

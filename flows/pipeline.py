@@ -1,0 +1,403 @@
+"""Prefect flows: train, detect, fuse, segment (pass two alone), evaluate, and the two-pass
+flow composing detect -> fuse -> segment -> evaluate.
+
+Every flow takes the pipeline config (`pipeline.config.PipelineConfig`, validated by Prefect)
+and the run folder. Work is one task per shard of images (never per box); within the
+two-pass flow each shard flows through its stages on its own (shard 3 may be segmented while
+shard 7 is still in detection). A failed shard does not stop the others: they finish and keep
+their outputs, and the flow then fails with a message naming each failed shard's cause. A
+rerun recomputes only what is missing.
+
+With no `PREFECT_API_URL` the flows run on Prefect's embedded (ephemeral) server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import flows  # noqa: F401  (Prefect defaults set before Prefect is imported)
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.logging import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from pipeline.config import PipelineConfig, safe_name
+
+from . import report, stages, tasks
+
+DEFAULT_RUN_DIR = "runs/twopass"
+
+
+class FlowFailed(RuntimeError):
+    """Some shards failed; the message names each one and its cause. The others finished."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def run_log(run_dir: str | Path) -> Iterator[Path]:
+    """Copy Prefect's flow and task logs into RUN/logs/prefect.log while a flow runs."""
+    path = Path(run_dir) / "logs" / "prefect.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger("prefect")
+    if any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in logger.handlers):
+        yield path  # a subflow of a flow that already logs here
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield path
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+class Shards:
+    """Futures of shard tasks, with a report of the failed ones."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, Any]] = []  # (label, future)
+
+    def add(self, label: str, future) -> Any:
+        self.items.append((label, future))
+        return future
+
+    def failures(self) -> list[str]:
+        """Root causes ("detect r18 shard 2/4 (...): DataError ..."); later stages that did not
+        run because of them are counted, not repeated."""
+        roots, blocked = [], 0
+        for label, fut in self.items:
+            fut.wait()
+            state = fut.state
+            if state.is_completed():
+                continue
+            if state.name == "NotReady" or "Upstream task run" in (state.message or ""):
+                blocked += 1
+                continue
+            roots.append(f"{label}: {_cause(state)}")
+        if blocked:
+            roots.append(f"{blocked} later stage task(s) of those shards did not run")
+        return roots
+
+
+def _cause(state) -> str:
+    try:
+        state.result(raise_on_failure=True)
+    except Exception as e:  # noqa: BLE001 - reported, not handled
+        return f"{type(e).__name__}: {e}"
+    return state.message or state.name
+
+
+def _finish(shards: Shards, what: str) -> None:
+    failed = shards.failures()
+    if failed:
+        raise FlowFailed(f"{what}: {len(failed) - (1 if failed[-1].endswith('did not run') else 0)} shard task(s) failed "
+                         "(the other shards finished and kept their outputs; rerun to retry only these):\n  "
+                         + "\n  ".join(failed))  # fmt: skip
+
+
+def _ran_since(run_dir: str | Path, t0: float) -> dict[str, int]:
+    return stages.stage_counts(e for e in stages.read_ledger(run_dir) if e.get("time", 0) >= t0 - 1e-3)
+
+
+def _prepare(config: PipelineConfig, run_dir: str) -> str:
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    from pipeline.config import write_pipeline_config
+
+    write_pipeline_config(run / "pipeline.yaml", config)
+    return str(run.resolve())
+
+
+def _checkpoints(config: PipelineConfig, run_dir: str, given: dict[str, str] | None) -> dict[str, str]:
+    given = dict(given or {})
+    out = {}
+    for i, d in enumerate(config.detectors):
+        out[d.name] = given.get(d.name) or str(stages.resolve_model(run_dir, "detector", d, f"detectors[{i}]", config.data, config.device))
+    s = config.segmenter
+    out[s.name] = given.get(s.name) or str(stages.resolve_model(run_dir, "segmenter", s, "segmenter", config.data, config.device))
+    return out
+
+
+def _submit(T, name: str, kwargs: dict[str, Any], label: str, shards: Shards):
+    return shards.add(label, getattr(T, name).submit(**kwargs))
+
+
+def _shard_name(k: int, n: int) -> str:
+    return f"{k + 1}of{n}"
+
+
+# --------------------------------------------------------------------------- flows
+
+
+@flow(name="train", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def train_flow(config: PipelineConfig, run_dir: str = DEFAULT_RUN_DIR, parallel: bool = False) -> dict[str, str]:
+    """Train the configured detectors and the segmenter (one task each) unless their config
+    names a checkpoint; finished trainings are reused, killed ones resume. Returns
+    {model name: checkpoint JSON}. `parallel`: submit all at once (no progress bars)."""
+    run_dir = _prepare(config, run_dir)
+    T = tasks.bound(run_dir)
+    with run_log(run_dir):
+        log = get_run_logger()
+        jobs = [("detector", d, f"detectors[{i}]") for i, d in enumerate(config.detectors)]
+        jobs.append(("segmenter", config.segmenter, "segmenter"))
+        shards = Shards()
+        out = {}
+        for kind, spec, where in jobs:
+            kwargs = dict(run_dir=run_dir, kind=kind, spec=spec, where=where, data=config.data, device=config.device, progress=not parallel)
+            fut = _submit(T, "train_model", kwargs, f"train {spec.name}", shards)
+            if not parallel:
+                fut.wait()
+                if not fut.state.is_completed():
+                    break
+        _finish(shards, "train_flow")
+        for (kind, spec, where), (_, fut) in zip(jobs, shards.items):
+            out[spec.name] = fut.result()
+            log.info(f"{kind} {spec.name}: {out[spec.name]}")
+        return out
+
+
+@flow(name="detect", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def detect_flow(config: PipelineConfig, run_dir: str = DEFAULT_RUN_DIR, checkpoints: dict[str, str] | None = None) -> dict[str, str]:
+    """Pass one without fusion: each detector (all its views) on each shard of images; returns
+    {detector name: merged detections Parquet}."""
+    run_dir = _prepare(config, run_dir)
+    T = tasks.bound(run_dir)
+    with run_log(run_dir):
+        ckpts = _checkpoints(config, run_dir, checkpoints)
+        parts = _submit_detect(T, config, run_dir, ckpts, stages.shards(config.data), Shards())
+        return _merge_detect(T, config, run_dir, parts)
+
+
+def _submit_detect(T, config, run_dir, ckpts, shard_ids, shards: Shards) -> dict[str, list]:
+    parts: dict[str, list] = {}
+    n = len(shard_ids)
+    for d in config.detectors:
+        parts[d.name] = [
+            _submit(T, "detect_shard",
+                    dict(run_dir=run_dir, spec=d, checkpoint=ckpts[d.name], data=config.data, ids=ids, device=config.device,
+                         shard=_shard_name(k, n)),
+                    f"detect {d.name} shard {k + 1}/{n} ({stages.shard_label(ids)})", shards)
+            for k, ids in enumerate(shard_ids)
+        ]  # fmt: skip
+    parts["_shards"] = shards  # type: ignore[assignment]
+    return parts
+
+
+def _merge_detect(T, config, run_dir, parts) -> dict[str, str]:
+    shards: Shards = parts.pop("_shards")
+    _finish(shards, "detect_flow")
+    merged = {}
+    for name, futs in parts.items():
+        paths = [f.result() for f in futs]
+        merged[name] = T.merge.submit(run_dir=run_dir, stage="detections", label=name, parts=paths).result()
+        stages.publish(run_dir, merged[name], f"detections_{safe_name(name)}.parquet")
+    return merged
+
+
+@flow(name="fuse", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def fuse_flow(config: PipelineConfig, detections: dict[str, str], run_dir: str = DEFAULT_RUN_DIR) -> str:
+    """Fuse the detections files of the detectors (names as in the config, for their weights),
+    shard by shard; returns the merged fused Parquet."""
+    run_dir = _prepare(config, run_dir)
+    T = tasks.bound(run_dir)
+    weights = {d.name: d.weight for d in config.detectors}
+    unknown = sorted(set(detections) - set(weights))
+    if unknown:
+        raise ValueError(f"fuse_flow: detections for {unknown}, which the config does not name (detectors: {sorted(weights)})")
+    with run_log(run_dir):
+        shards = Shards()
+        shard_ids = stages.shards(config.data)
+        n = len(shard_ids)
+        futs = [
+            _submit(T, "fuse_shard",
+                    dict(run_dir=run_dir, fusion=config.fusion, inputs=list(detections.values()),
+                         weights=[weights[k] for k in detections], data=config.data, ids=ids, shard=_shard_name(k, n)),
+                    f"fuse shard {k + 1}/{n}", shards)
+            for k, ids in enumerate(shard_ids)
+        ]  # fmt: skip
+        _finish(shards, "fuse_flow")
+        paths = [f.result() for _, f in shards.items]
+        merged = T.merge.submit(run_dir=run_dir, stage="fused", label="fused", parts=paths).result()
+        stages.publish(run_dir, merged, "fused.parquet")
+        return merged
+
+
+@flow(name="segment", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def segment_flow(config: PipelineConfig, detections: str, run_dir: str = DEFAULT_RUN_DIR, checkpoint: str | None = None) -> str:
+    """Pass two alone: masks for the boxes of `detections` (a detections Parquet or COCO results
+    JSON from any source), shard by shard; returns the merged instances Parquet. The rerun path
+    when new detections arrive: only these shards' segmentation runs."""
+    run_dir = _prepare(config, run_dir)
+    T = tasks.bound(run_dir)
+    det = Path(detections)
+    if not det.is_file():
+        raise FileNotFoundError(f"segment_flow: detections {det}: no such file")
+    with run_log(run_dir):
+        s = config.segmenter
+        ckpt = checkpoint or str(stages.resolve_model(run_dir, "segmenter", s, "segmenter", config.data, config.device))
+        shards = Shards()
+        shard_ids = stages.shards(config.data)
+        n = len(shard_ids)
+        for k, ids in enumerate(shard_ids):
+            _submit(T, "segment_shard",
+                    dict(run_dir=run_dir, spec=s, checkpoint=ckpt, detections=str(det.resolve()), data=config.data, ids=ids,
+                         device=config.device, shard=_shard_name(k, n)),
+                    f"segment shard {k + 1}/{n} ({stages.shard_label(ids)})", shards)  # fmt: skip
+        _finish(shards, "segment_flow")
+        paths = [f.result() for _, f in shards.items]
+        merged = T.merge.submit(run_dir=run_dir, stage="instances", label=s.name, parts=paths).result()
+        stages.publish(run_dir, merged, "instances.parquet")
+        stages.write_coco_json(run_dir, merged, "instances.json")
+        return merged
+
+
+@flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def evaluate_flow(
+    config: PipelineConfig,
+    detections: dict[str, str],
+    fused: str | None = None,
+    instances: str | None = None,
+    run_dir: str = DEFAULT_RUN_DIR,
+    ran: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """AP of each stage (each detector, the fused boxes, the final masks): a Prefect table
+    artifact, a markdown artifact with overlay pictures, and RUN/report.md with RUN/pictures/.
+    Returns {"metrics": path or None, "report": path, "table": rows}."""
+    run_dir = _prepare(config, run_dir)
+    T = tasks.bound(run_dir)
+    with run_log(run_dir):
+        log = get_run_logger()
+        metrics_path, rows = None, []
+        if config.data.ann is not None and config.evaluation.enabled:
+            metrics_path = T.evaluate.submit(run_dir=run_dir, data=config.data, fusion=config.fusion, detectors=detections,
+                                             fused=fused, instances=instances).result()  # fmt: skip
+            rows = stages.ap_table(stages.read_json(metrics_path))
+        outputs = {f"detections of {k}": v for k, v in detections.items()}
+        if fused:
+            outputs["fused boxes"] = fused
+        if instances:
+            outputs["instances"] = instances
+        if metrics_path:
+            outputs["metrics"] = metrics_path
+        pictures = report.render_pictures(run_dir, config, fused, instances)
+        path = report.write_report(run_dir, report.build_report(run_dir, config, metrics_path, outputs, pictures, ran))
+        key = safe_name(config.name).lower().replace("_", "-").replace(".", "-")
+        if rows:
+            create_table_artifact(key=f"{key}-ap-per-stage", table=rows, description=f"AP per stage, {config.name} ({run_dir})")
+            log.info("AP per stage:\n" + stages.format_ap_table(rows))
+        create_markdown_artifact(
+            key=f"{key}-report",
+            markdown=report.build_report(run_dir, config, metrics_path, outputs, pictures, ran, inline_pictures=True),
+            description=f"twopass report, {config.name} ({run_dir})",
+        )
+        log.info(f"report: {path}")
+        return {"metrics": metrics_path, "report": str(path), "table": rows}
+
+
+@flow(name="two-pass", task_runner=ThreadPoolTaskRunner(max_workers=1))
+def two_pass_flow(config: PipelineConfig, run_dir: str = DEFAULT_RUN_DIR, checkpoints: dict[str, str] | None = None) -> dict[str, Any]:
+    """Pass one (every detector and view on every shard, fused per shard), pass two (the
+    segmenter on each shard's fused boxes), then evaluation and the report. Returns the output
+    paths and the AP table."""
+    t0 = time.time()
+    run_dir = _prepare(config, run_dir)
+    T = tasks.bound(run_dir)
+    with run_log(run_dir):
+        log = get_run_logger()
+        ckpts = _checkpoints(config, run_dir, checkpoints)
+        shard_ids = stages.shards(config.data)
+        n = len(shard_ids)
+        log.info(f"{len(config.detectors)} detectors, {sum(map(len, shard_ids))} images in {n} shards of up to {config.data.shard_size}")
+        shards = Shards()
+        det = _submit_detect(T, config, run_dir, ckpts, shard_ids, shards)
+        det.pop("_shards")
+        weights = [d.weight for d in config.detectors]
+        fused_f, inst_f = [], []
+        s = config.segmenter
+        for k, ids in enumerate(shard_ids):
+            inputs = [det[d.name][k] for d in config.detectors]
+            f = _submit(T, "fuse_shard",
+                        dict(run_dir=run_dir, fusion=config.fusion, inputs=inputs, weights=weights, data=config.data, ids=ids,
+                             shard=_shard_name(k, n)),
+                        f"fuse shard {k + 1}/{n}", shards)  # fmt: skip
+            fused_f.append(f)
+            inst_f.append(
+                _submit(T, "segment_shard",
+                        dict(run_dir=run_dir, spec=s, checkpoint=ckpts[s.name], detections=f, data=config.data, ids=ids,
+                             device=config.device, shard=_shard_name(k, n)),
+                        f"segment shard {k + 1}/{n}", shards)  # fmt: skip
+            )
+        _finish(shards, "two_pass_flow")
+        paths = lambda futs: [f.result() for f in futs]  # noqa: E731
+        merged_det = {}
+        for d in config.detectors:
+            merged_det[d.name] = T.merge.submit(run_dir=run_dir, stage="detections", label=d.name, parts=paths(det[d.name])).result()
+            stages.publish(run_dir, merged_det[d.name], f"detections_{safe_name(d.name)}.parquet")
+        fused = T.merge.submit(run_dir=run_dir, stage="fused", label="fused", parts=paths(fused_f)).result()
+        instances = T.merge.submit(run_dir=run_dir, stage="instances", label=s.name, parts=paths(inst_f)).result()
+        outputs = {
+            **{f"detections_{d}": stages.publish(run_dir, p, f"detections_{safe_name(d)}.parquet") for d, p in merged_det.items()},
+            "fused": stages.publish(run_dir, fused, "fused.parquet"),
+            "instances": stages.publish(run_dir, instances, "instances.parquet"),
+            "instances_json": stages.write_coco_json(run_dir, instances, "instances.json"),
+        }
+        ran = _ran_since(run_dir, t0)
+        log.info(f"computed this run: {ran or 'nothing (all reused)'}")
+        ev = evaluate_flow(config, merged_det, fused, instances, run_dir=run_dir, ran=ran)
+        return {
+            "run_dir": run_dir,
+            "detections": merged_det,
+            "fused": fused,
+            "instances": instances,
+            "outputs": {k: str(v) for k, v in outputs.items()},
+            "report": ev["report"],
+            "metrics": ev["metrics"],
+            "table": ev["table"],
+            "ran": ran,
+        }
+
+
+# --------------------------------------------------------------------------- task runners
+
+
+def task_runner(kind: str = "threads", workers: int | None = None, dask_address: str | None = None):
+    """`threads`: a thread pool of `workers` (default 1: on a CPU box one model at a time uses
+    every core). `dask`: prefect-dask on the cluster at `dask_address` (every worker needs
+    `PREFECT_API_URL` of a real server), or a local cluster (threads in this process, so they
+    share the embedded server)."""
+    if kind == "threads":
+        if dask_address:
+            raise ValueError("--dask-address needs --task-runner dask")
+        return ThreadPoolTaskRunner(max_workers=workers or 1)
+    if kind != "dask":
+        raise ValueError(f"--task-runner must be 'threads' or 'dask', got {kind!r}")
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ValueError("--task-runner dask needs prefect-dask: pip install 'twopass[dask]'") from None
+    if dask_address:
+        if not dask_address.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+            raise ValueError(f"--dask-address: expected tcp://HOST:PORT, got {dask_address!r}")
+        return DaskTaskRunner(address=dask_address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={"n_workers": 1, "threads_per_worker": workers or 1, "processes": False, "dashboard_address": None},
+    )
+
+
+FLOWS = {
+    "train": train_flow,
+    "detect": detect_flow,
+    "fuse": fuse_flow,
+    "segment": segment_flow,
+    "evaluate": evaluate_flow,
+    "two-pass": two_pass_flow,
+}

@@ -1,0 +1,137 @@
+"""The run report: `RUN/report.md` with overlay pictures in `RUN/pictures/`, and the same
+content as markdown for a Prefect artifact (pictures inlined as small thumbnails)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PipelineConfig
+from pipeline.fileio import atomic_path, read_json
+
+from .stages import _coco_index, ap_table, open_images
+
+EXPLAIN = """\
+**How to read this.** Pass one runs each detector on every image, once per test-time view
+(scale, mirror); the views and the detectors are then fused into one set of boxes. Pass two
+runs the segmenter's mask head on those fused boxes. AP is COCO's average precision
+(0 to 1, higher is better) averaged over IoU thresholds 0.50 to 0.95; AP50 and AP75 use one
+threshold each. "box" rows score the boxes; "mask" scores the masks of the final instances."""
+
+
+def render_pictures(run_dir: str | Path, config: PipelineConfig, fused: str | None, instances: str | None) -> list[Path]:
+    """Ground truth | fused boxes | final masks, for the first `evaluation.overlays` images."""
+    from pipeline.tables import read_results
+    from pipeline.visualize import render_image
+
+    n = config.evaluation.overlays
+    if n <= 0:
+        return []
+    image_set = open_images(config.data)
+    gt = _coco_index(Path(config.data.ann)) if config.data.ann else None
+    panels: list[tuple[str, Any]] = []
+    categories = gt.categories if gt else None
+    for title, path in (("fused boxes", fused), ("final masks", instances)):
+        if path:
+            table, meta = read_results(path)
+            categories = categories or meta.categories
+            panels.append((title, table))
+    if categories is None or (not panels and gt is None):
+        return []
+    out_dir = Path(run_dir) / "pictures"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for image_id in sorted(image_set.image_ids)[:n]:
+        gt_panel = [("ground truth", gt.anns_by_image.get(image_id, []))] if gt else []
+        picture = render_image(image_set, image_id, categories, gt_panel + panels, config.evaluation.score_thresh)
+        path = out_dir / f"{image_id}.png"
+        with atomic_path(path) as tmp:
+            picture.save(tmp, format="PNG")
+        written.append(path)
+    return written
+
+
+def _thumbnail(path: Path, width: int = 720) -> str:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if im.width > width:
+            im = im.resize((width, round(im.height * width / im.width)))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def build_report(
+    run_dir: str | Path,
+    config: PipelineConfig,
+    metrics_path: str | None,
+    outputs: dict[str, str],
+    pictures: list[Path],
+    ran: dict[str, int] | None = None,
+    inline_pictures: bool = False,
+) -> str:
+    run_dir = Path(run_dir)
+    lines = [f"# twopass report: {config.name}", "", EXPLAIN, ""]
+    lines += ["## Setup", ""]
+    lines.append(f"- images: `{config.data.images}`" + (f" ({config.data.ann})" if config.data.ann else ""))
+    for d in config.detectors:
+        views = f"scales {d.tta.scales or 'model test size'}" + (" + mirror" if d.tta.flip else "")
+        lines.append(f"- detector **{d.name}**: {views}, fusion weight {d.weight}")
+    f = config.fusion.fuse_kwargs()
+    lines.append(f"- fusion: **{f['method']}**, IoU threshold {f['iou_thr']}, at most {f['max_per_image']} boxes an image")
+    s = config.segmenter
+    lines.append(f"- segmenter **{s.name}**: mask views scales {s.tta.scales or 'model test size'}" + (" + mirror" if s.tta.flip else ""))
+    lines.append("")
+    if metrics_path:
+        metrics = read_json(metrics_path)
+        rows = ap_table(metrics)
+        lines += [f"## AP per stage ({metrics['images']} images)", ""]
+        lines.append(markdown_table(rows, ["stage", "what", "box AP", "box AP50", "box AP75", "mask AP", "mask AP50", "mask AP75"]))
+        lines.append("")
+        final = next((r for r in metrics["stages"] if r["stage"] == "final masks"), None)
+        if final and final.get("per_category", {}).get("segm"):
+            per = final["per_category"]
+            cats = list(per["segm"])
+            lines += ["## AP per category (final instances)", ""]
+            table = [{"category": c, "box AP": per.get("bbox", {}).get(c), "mask AP": per["segm"][c]} for c in cats]
+            lines += [markdown_table(table, ["category", "box AP", "mask AP"]), ""]
+    else:
+        lines += ["## AP per stage", "", "Not evaluated: the data has no annotations (`data.ann`).", ""]
+    if pictures:
+        lines += ["## Pictures", "", f"Ground truth, fused boxes and final masks (score >= {config.evaluation.score_thresh}).", ""]
+        for p in pictures:
+            src = _thumbnail(p) if inline_pictures else p.relative_to(run_dir).as_posix()
+            lines += [f"![image {p.stem}]({src})", ""]
+    lines += ["## Files", ""]
+    for label, path in outputs.items():
+        shown = Path(path)
+        shown = shown.relative_to(run_dir) if shown.is_relative_to(run_dir) else shown
+        lines.append(f"- {label}: `{shown}`")
+    lines.append("- ledger of every stage execution that computed: `ledger.jsonl`")
+    if ran is not None:
+        lines += ["", "## This run", ""]
+        lines.append("Stage executions that computed (the others were reused from earlier runs): "
+                     + (", ".join(f"{k} {v}" for k, v in ran.items()) if ran else "none"))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: str | Path, markdown: str) -> Path:
+    path = Path(run_dir) / "report.md"
+    with atomic_path(path) as tmp:
+        tmp.write_text(markdown)
+    return path
