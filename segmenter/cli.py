@@ -32,11 +32,13 @@ def segment(
     mask_thresh: Annotated[float, typer.Option(help="Pixels whose averaged probability exceeds this are in the mask.")] = 0.5,
     skip_invalid: Annotated[bool, typer.Option(help="Drop (and count in the output's metadata) rows that cannot be segmented, instead of failing.")] = False,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    fast: Annotated[bool, typer.Option(help="Fold frozen BatchNorm into convolutions, channels-last on CPU.")] = True,
 ) -> None:
     """Masks for given boxes: the segmenter's backbone and mask head on each box, with mask TTA."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from detector.infer import make_views
+    from detector.speed import optimize_for_inference
     from pipeline.coco import CocoIndex, ImageSet
     from pipeline.fileio import write_json
     from pipeline.tables import TableMeta, read_results, to_coco_results, write_table
@@ -48,6 +50,8 @@ def segment(
         raise ValueError(f"--device must be cpu or cuda, got {device!r}")
     scales = _parse_scales(tta_scales)
     model, meta = load_segmenter(checkpoint, device)
+    if fast:
+        model = optimize_for_inference(model)
     if ann is not None:
         index = CocoIndex.load(ann)
         meta.categories.check_same(index.categories, f"{ann} against checkpoint {meta.path}")
