@@ -1,0 +1,286 @@
+"""`twopass demo` and `twopass flow ...`: the Prefect flows from the command line.
+
+Prefect is imported inside the commands, after `flows.env.configure(out)` has put its home
+under the run folder (unless `PREFECT_HOME` or `PREFECT_API_URL` is set), so `twopass --help`
+stays quick and a run leaves nothing outside its folder.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+flow_app = typer.Typer(
+    name="flow",
+    help="Run the pipeline's Prefect flows (embedded server unless PREFECT_API_URL is set).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipeline config YAML (see pipeline/config.py).")]
+OutOpt = Annotated[Path, typer.Option(help="Run folder: every output, the ledger, Prefect's home and results.")]
+RunnerOpt = Annotated[str, typer.Option(help="threads | dask")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="Tasks at once (threads, or threads of the local Dask cluster). Default 1.")]
+DaskOpt = Annotated[Optional[str], typer.Option(help="tcp://HOST:PORT of an existing Dask scheduler (--task-runner dask).")]
+
+
+def _start(out: Path):
+    """Prefect settings for this run folder, then the flows module (imports Prefect)."""
+    from .env import configure
+
+    configure(out)
+    from . import pipeline
+
+    return pipeline
+
+
+def _flow(pipeline, name: str, task_runner: str, workers: int | None, dask_address: str | None):
+    flow = pipeline.FLOWS[name]
+    return flow.with_options(task_runner=pipeline.task_runner(task_runner, workers, dask_address))
+
+
+def _load(config: Path):
+    from pipeline.config import load_pipeline_config
+
+    return load_pipeline_config(config)
+
+
+def _fail(e: Exception) -> None:
+    typer.echo(f"twopass: {e}", err=True)
+    raise typer.Exit(1)
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    cols = ("box AP", "box AP50", "box AP75", "mask AP", "mask AP50", "mask AP75")
+    table.add_column("stage")
+    table.add_column("what")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(r["stage"], r["what"], *(f"{r[c]:.3f}" if r[c] is not None else "-" for c in cols))
+    Console().print(table)
+
+
+def _summary(result: dict[str, Any], out: Path, seconds: float) -> None:
+    if result.get("table"):
+        print_table(result["table"], f"AP per stage ({out})")
+    typer.echo(f"computed this run: {result.get('ran') or 'nothing (all reused)'}")
+    typer.echo(f"report:  {result['report']}")
+    for k, v in result.get("outputs", {}).items():
+        typer.echo(f"{k + ':':<9} {v}")
+    typer.echo(f"done in {seconds:.0f} s; everything is under {out}")
+
+
+@flow_app.command("train")
+def train_cmd(
+    config: ConfigOpt,
+    out: OutOpt,
+    parallel: Annotated[bool, typer.Option(help="Train every model at once (no progress bars).")] = False,
+    task_runner: RunnerOpt = "threads",
+    workers: WorkersOpt = None,
+    dask_address: DaskOpt = None,
+) -> None:
+    """train_flow: train the configured detectors and the segmenter (finished ones are reused)."""
+    cfg = _load(config)
+    pipeline = _start(out)
+    try:
+        result = _flow(pipeline, "train", task_runner, workers, dask_address)(cfg, str(out), parallel)
+    except pipeline.FlowFailed as e:
+        _fail(e)
+    for name, path in result.items():
+        typer.echo(f"{name}: {path}")
+
+
+@flow_app.command("run")
+def run_cmd(
+    config: ConfigOpt,
+    out: OutOpt,
+    train: Annotated[bool, typer.Option(help="Run train_flow first (models without a checkpoint).")] = False,
+    task_runner: RunnerOpt = "threads",
+    workers: WorkersOpt = None,
+    dask_address: DaskOpt = None,
+) -> None:
+    """two_pass_flow: detect (all detectors and views) -> fuse -> segment -> evaluate, per shard."""
+    cfg = _load(config)
+    pipeline = _start(out)
+    t0 = time.perf_counter()
+    try:
+        if train:
+            _flow(pipeline, "train", task_runner, workers, dask_address)(cfg, str(out))
+        result = _flow(pipeline, "two-pass", task_runner, workers, dask_address)(cfg, str(out))
+    except pipeline.FlowFailed as e:
+        _fail(e)
+    _summary(result, out, time.perf_counter() - t0)
+
+
+@flow_app.command("detect")
+def detect_cmd(config: ConfigOpt, out: OutOpt, task_runner: RunnerOpt = "threads", workers: WorkersOpt = None, dask_address: DaskOpt = None) -> None:
+    """detect_flow: every detector (all its views) on every shard; one detections file each."""
+    cfg = _load(config)
+    pipeline = _start(out)
+    try:
+        result = _flow(pipeline, "detect", task_runner, workers, dask_address)(cfg, str(out))
+    except pipeline.FlowFailed as e:
+        _fail(e)
+    for name, path in result.items():
+        typer.echo(f"{name}: {path}")
+
+
+def _parse_named(items: list[str] | None, what: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{what}: expected NAME=PATH, got {item!r}")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{what} {name}: {path}: no such file")
+        out[name] = str(Path(path).resolve())
+    return out
+
+
+@flow_app.command("fuse")
+def fuse_cmd(
+    config: ConfigOpt,
+    out: OutOpt,
+    detections: Annotated[Optional[list[str]], typer.Option(help="NAME=PATH per detector (default: OUT/outputs/detections_NAME.parquet).")] = None,
+    task_runner: RunnerOpt = "threads",
+    workers: WorkersOpt = None,
+    dask_address: DaskOpt = None,
+) -> None:
+    """fuse_flow: fuse the detectors' detections files, shard by shard."""
+    cfg = _load(config)
+    named = _parse_named(detections, "--detections")
+    if not named:
+        named = {d.name: str(out / "outputs" / f"detections_{d.name}.parquet") for d in cfg.detectors}
+        missing = [p for p in named.values() if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{missing[0]}: no such file; run `twopass flow detect` first or give --detections NAME=PATH")
+    pipeline = _start(out)
+    try:
+        path = _flow(pipeline, "fuse", task_runner, workers, dask_address)(cfg, named, str(out))
+    except pipeline.FlowFailed as e:
+        _fail(e)
+    typer.echo(f"fused: {path}")
+
+
+@flow_app.command("segment")
+def segment_cmd(
+    config: ConfigOpt,
+    out: OutOpt,
+    detections: Annotated[Path, typer.Option(help="Detections Parquet or COCO results JSON, from any source.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Segmenter checkpoint (default: the config's, else train_flow's).")] = None,
+    task_runner: RunnerOpt = "threads",
+    workers: WorkersOpt = None,
+    dask_address: DaskOpt = None,
+) -> None:
+    """segment_flow: pass two alone on a detections file (the rerun path when new boxes arrive)."""
+    cfg = _load(config)
+    if not detections.is_file():
+        raise FileNotFoundError(f"--detections {detections}: no such file")
+    pipeline = _start(out)
+    try:
+        path = _flow(pipeline, "segment", task_runner, workers, dask_address)(
+            cfg, str(detections.resolve()), str(out), str(checkpoint) if checkpoint else None
+        )
+    except pipeline.FlowFailed as e:
+        _fail(e)
+    typer.echo(f"instances: {path}")
+
+
+@flow_app.command("evaluate")
+def evaluate_cmd(
+    config: ConfigOpt,
+    out: OutOpt,
+    detections: Annotated[Optional[list[str]], typer.Option(help="NAME=PATH per detector (default: OUT/outputs/detections_NAME.parquet).")] = None,
+    fused: Annotated[Optional[Path], typer.Option(help="Fused detections (default: OUT/outputs/fused.parquet if present).")] = None,
+    instances: Annotated[Optional[Path], typer.Option(help="Instances (default: OUT/outputs/instances.parquet if present).")] = None,
+) -> None:
+    """evaluate_flow: AP per stage as Prefect artifacts and OUT/report.md with pictures."""
+    cfg = _load(config)
+    named = _parse_named(detections, "--detections") or {
+        d.name: str(out / "outputs" / f"detections_{d.name}.parquet")
+        for d in cfg.detectors
+        if (out / "outputs" / f"detections_{d.name}.parquet").is_file()
+    }
+    fused = fused or (out / "outputs" / "fused.parquet" if (out / "outputs" / "fused.parquet").is_file() else None)
+    instances = instances or (out / "outputs" / "instances.parquet" if (out / "outputs" / "instances.parquet").is_file() else None)
+    for p in (fused, instances):
+        if p is not None and not Path(p).is_file():
+            raise FileNotFoundError(f"{p}: no such file")
+    pipeline = _start(out)
+    result = pipeline.evaluate_flow(cfg, named, str(fused) if fused else None, str(instances) if instances else None, run_dir=str(out))
+    if result["table"]:
+        print_table(result["table"], f"AP per stage ({out})")
+    typer.echo(f"report: {result['report']}")
+
+
+@flow_app.command("example-config")
+def example_config_cmd(
+    out: Annotated[Path, typer.Argument(help="Where to write the YAML.")],
+    data: Annotated[Path, typer.Option(help="Data folder with train/ and val/ (as `twopass synth` makes them).")] = Path("data"),
+) -> None:
+    """Write the demo's pipeline config as a starting point for your own."""
+    from pipeline.config import write_pipeline_config
+
+    from .demo import demo_config
+
+    write_pipeline_config(out, demo_config(data))
+    typer.echo(f"wrote {out}")
+
+
+def demo(
+    out: Annotated[Path, typer.Option(help="Run folder: data, models, outputs, report.md, Prefect's home.")] = Path("runs/demo"),
+    train_images: Annotated[int, typer.Option(help="Synthetic training images.")] = 300,
+    val_images: Annotated[int, typer.Option(help="Synthetic validation images (pass one and two run on these).")] = 50,
+    budget: Annotated[float, typer.Option(help="Training time budget per model, seconds.")] = 150.0,
+    task_runner: RunnerOpt = "threads",
+    workers: WorkersOpt = None,
+    dask_address: DaskOpt = None,
+) -> None:
+    """The main job: synthetic data, two detectors and a segmenter, the two-pass flow, AP table, report.
+
+    Generates the synthetic shapes set, trains two small detectors and one segmenter on a time
+    budget each (train_flow), runs two_pass_flow on Prefect's embedded server, and prints the AP
+    of each detector, the fused boxes and the final masks; report.md and pictures go to --out.
+    """
+    from pipeline.cli import _progress
+    from pipeline.config import write_pipeline_config
+    from pipeline.fileio import read_json
+    from pipeline.synth import generate
+
+    from .demo import SIZE, demo_config
+
+    t0 = time.perf_counter()
+    out = out.resolve()
+    data = out / "data"
+    for split, n, seed in (("train", train_images, 0), ("val", val_images, 1)):
+        ann = data / split / "annotations.json"
+        if ann.is_file() and len(read_json(ann)["images"]) == n:
+            continue  # image i depends only on (seed, i): what is there is what would be made
+        with _progress() as bar:
+            task = bar.add_task(f"synth {split}", total=n)
+            generate(data / split, n, SIZE, seed, progress=lambda k: bar.update(task, completed=k))
+    cfg = demo_config(data, train_budget_s=budget)
+    write_pipeline_config(out / "pipeline.yaml", cfg)
+    typer.echo(f"config: {out / 'pipeline.yaml'} (rerun with `twopass flow run --config {out / 'pipeline.yaml'} --out {out}`)")
+    pipeline = _start(out)
+    try:
+        _flow(pipeline, "train", task_runner, workers, dask_address)(cfg, str(out))
+        result = _flow(pipeline, "two-pass", task_runner, workers, dask_address)(cfg, str(out))
+    except pipeline.FlowFailed as e:
+        _fail(e)
+    _summary(result, out, time.perf_counter() - t0)
+    typer.echo(f"pictures: {out / 'pictures'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
+    app.add_typer(flow_app, name="flow")
+

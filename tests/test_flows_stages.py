@@ -1,0 +1,190 @@
+"""The stages the flows wrap, as plain functions (no Prefect): content-keyed outputs, skipping
+finished shards, what a change reruns, bad inputs named, the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_flows_support import config, copy_data, counts, ledger_len, random_checkpoints
+
+from flows import stages
+
+
+@pytest.fixture(scope="module")
+def ckpts(synth_small, tmp_path_factory):
+    return random_checkpoints(tmp_path_factory.getbasetemp() / "flows_models", synth_small / "annotations.json")
+
+
+def _detect_all(run, cfg, ckpts):
+    """Every detector on every shard: {name: [path per shard]}."""
+    return {
+        d.name: [stages.detect_shard(run, d, str(ckpts[d.name]), cfg.data, ids) for ids in stages.shards(cfg.data)]
+        for d in cfg.detectors
+    }
+
+
+def test_detect_outputs_are_keyed_and_skipped_when_present(synth_small, ckpts, tmp_path):
+    cfg = config(synth_small, ckpts)
+    assert stages.shards(cfg.data) == [[1, 2, 3], [4, 5, 6], [7, 8]]
+    run = tmp_path / "run"
+    paths = _detect_all(run, cfg, ckpts)
+    assert counts(run) == {"detect": 6}
+    from pipeline.tables import read_table
+
+    table, meta = read_table(paths["b"][0], "detections")
+    assert set(table.column("source").to_pylist()) <= {"b@64", "b@64+flip"}
+    assert set(table.column("image_id").to_pylist()) <= {1, 2, 3}
+    assert meta.extra["views"] == ["b@64", "b@64+flip"]
+    for name, ps in paths.items():  # the file name is the key of (checkpoint, settings, ids, images)
+        for p, ids in zip(ps, stages.shards(cfg.data)):
+            d = next(x for x in cfg.detectors if x.name == name)
+            assert Path(p).name == stages.detect_plan(run, d, str(ckpts[name]), cfg.data, ids, "cpu").key + ".parquet"
+    # A rerun finds every file and computes nothing; a lost file is recomputed, alone.
+    assert _detect_all(run, cfg, ckpts) == paths
+    assert counts(run) == {"detect": 6}
+    Path(paths["a"][1]).unlink()
+    assert _detect_all(run, cfg, ckpts) == paths
+    assert counts(run) == {"detect": 7}
+
+
+def test_keys_follow_content_not_names(synth_small, ckpts, tmp_path):
+    data = copy_data(synth_small, tmp_path / "data")
+    cfg = config(data, ckpts)
+    d = cfg.detectors[0]
+    k = lambda ids: stages.detect_plan(tmp_path, d, str(ckpts["a"]), cfg.data, ids, "cpu").key  # noqa: E731
+    before = [k(ids) for ids in stages.shards(cfg.data)]
+    # Changing one image's content changes its shard's key only.
+    img = data / "images" / json.loads((data / "annotations.json").read_text())["images"][4]["file_name"]
+    from PIL import Image
+
+    with Image.open(img) as im:
+        im.convert("RGB").rotate(180).save(img)
+    after = [k(ids) for ids in stages.shards(cfg.data)]
+    assert [a == b for a, b in zip(before, after)] == [True, False, True]
+    # Other settings or another checkpoint: other keys. Moving the data folder: the same keys.
+    assert stages.detect_plan(tmp_path, d.model_copy(update={"score_thresh": 0.5}), str(ckpts["a"]), cfg.data, [1, 2, 3], "cpu").key != after[0]
+    assert stages.detect_plan(tmp_path, d, str(ckpts["b"]), cfg.data, [1, 2, 3], "cpu").key != after[0]
+    moved = copy_data(data, tmp_path / "moved")
+    assert stages.detect_plan(tmp_path, d, str(ckpts["a"]), config(moved, ckpts).data, [1, 2, 3], "cpu").key == after[0]
+
+
+def test_fusion_change_reruns_fusion_and_segmentation_only(synth_small, ckpts, tmp_path):
+    run = tmp_path / "run"
+
+    def two_pass(cfg):
+        det = _detect_all(run, cfg, ckpts)
+        out = []
+        for k, ids in enumerate(stages.shards(cfg.data)):
+            fused = stages.fuse_shard(run, cfg.fusion, [det[d.name][k] for d in cfg.detectors], [1.0, 1.0], cfg.data, ids)
+            out.append(stages.segment_shard(run, cfg.segmenter, str(ckpts["seg"]), fused, cfg.data, ids))
+        return out
+
+    wbf = config(synth_small, ckpts)
+    first = two_pass(wbf)
+    assert counts(run) == {"detect": 6, "fuse": 3, "segment": 3}
+    n = ledger_len(run)
+    assert two_pass(wbf) == first and ledger_len(run) == n  # all found
+    soft = config(synth_small, ckpts, fusion={"method": "soft-nms", "sigma": 0.5})
+    second = two_pass(soft)
+    assert counts(run, since=n) == {"fuse": 3, "segment": 3}  # detection reused
+    assert set(second).isdisjoint(first)
+    from pipeline.tables import read_table
+
+    fused = sorted((run / "fused").glob("*.parquet"))
+    assert len(fused) == 6
+    # Soft-NMS keeps the decayed scores (rescore defaults to true for soft-nms).
+    t, meta = read_table(read_table(second[0], "instances")[1].extra["detections"], "detections")
+    assert meta.config["rescore"] is True and meta.config["method"] == "soft-nms"
+
+
+def test_segment_on_new_detections_from_any_source(synth_small, ckpts, tmp_path):
+    """Pass two alone on a COCO results JSON (ground-truth boxes as detections): only the
+    segmentation stage runs, and a second new file reruns it again."""
+    from pipeline.tables import read_table
+
+    cfg = config(synth_small, ckpts)
+    gt = json.loads((synth_small / "annotations.json").read_text())
+    det = tmp_path / "gt_boxes.json"
+    det.write_text(json.dumps([{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+                               for a in gt["annotations"]]))  # fmt: skip
+    run = tmp_path / "run"
+    outs = [stages.segment_shard(run, cfg.segmenter, str(ckpts["seg"]), det, cfg.data, ids) for ids in stages.shards(cfg.data)]
+    assert counts(run) == {"segment": 3}
+    rows = sum(read_table(p, "instances")[0].num_rows for p in outs)
+    assert rows == len(gt["annotations"])
+    det.write_text(json.dumps([{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.5}
+                               for a in gt["annotations"][:5]]))  # fmt: skip
+    [stages.segment_shard(run, cfg.segmenter, str(ckpts["seg"]), det, cfg.data, ids) for ids in stages.shards(cfg.data)]
+    assert counts(run) == {"segment": 6}
+
+
+def test_corrupt_image_fails_its_shard_naming_the_file(synth_small, ckpts, tmp_path):
+    data = copy_data(synth_small, tmp_path / "data")
+    cfg = config(data, ckpts)
+    bad = data / "images" / json.loads((data / "annotations.json").read_text())["images"][4]["file_name"]
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    run = tmp_path / "run"
+    d = cfg.detectors[0]
+    ok = [stages.detect_shard(run, d, str(ckpts["a"]), cfg.data, ids) for ids in ([1, 2, 3], [7, 8])]
+    with pytest.raises(ValueError, match=rf"image_id 5: cannot read image file {bad}"):
+        stages.detect_shard(run, d, str(ckpts["a"]), cfg.data, [4, 5, 6])
+    assert all(Path(p).is_file() for p in ok) and counts(run) == {"detect": 2}
+    assert len(list((run / "detections" / "a").glob("*"))) == 2  # no partial file of the failed shard
+
+
+def test_missing_checkpoint_and_untrained_model_are_named(synth_small, ckpts, tmp_path):
+    cfg = config(synth_small, None)
+    with pytest.raises(FileNotFoundError, match=r"detectors\[0\]: no checkpoint: set detectors\[0\].checkpoint, or run train_flow"):
+        stages.resolve_model(tmp_path, "detector", cfg.detectors[0], "detectors[0]", cfg.data, "cpu")
+    bad = cfg.detectors[0].model_copy(update={"model": {"name": "x", "box_head": {"type": "lsd"}}})
+    with pytest.raises(ValueError, match=r"detectors\[0\].model: field 'box_head.type'"):
+        stages.train_key("detector", bad, "detectors[0]", cfg.data, "cpu")
+    no_train = config(synth_small, None, data={"train_ann": None, "train_images": None})
+    with pytest.raises(ValueError, match="data.train_ann / data.train_images are not set"):
+        stages.train_stage(tmp_path, "detector", no_train.detectors[0], "detectors[0]", no_train.data)
+
+
+def test_train_stage_trains_once_and_is_found(synth_small, tmp_path):
+    cfg = config(synth_small, None)
+    spec = cfg.detectors[0]
+    run = tmp_path / "run"
+    ckpt = stages.train_stage(run, "detector", spec, "detectors[0]", cfg.data, progress=False)
+    assert Path(ckpt).name == "iter_0000001.json" and counts(run) == {"train": 1}
+    assert stages.train_stage(run, "detector", spec, "detectors[0]", cfg.data, progress=False) == ckpt
+    assert counts(run) == {"train": 1}
+    assert stages.resolve_model(run, "detector", spec, "detectors[0]", cfg.data, "cpu") == Path(ckpt)
+    # Another training budget is another model.
+    more = spec.model_copy(update={"train": spec.train.model_copy(update={"iters": 2})})
+    assert stages.trained_checkpoint(run, "detector", more, "detectors[0]", cfg.data, "cpu") is None
+
+
+def test_merge_evaluate_and_report(synth_small, ckpts, tmp_path):
+    from flows import report
+    from pipeline.tables import read_table
+
+    cfg = config(synth_small, ckpts)
+    run = tmp_path / "run"
+    det = _detect_all(run, cfg, ckpts)
+    merged = {name: stages.merge(run, "detections", name, ps) for name, ps in det.items()}
+    table, _ = read_table(merged["a"], "detections")
+    assert sorted(set(table.column("image_id").to_pylist())) == list(range(1, 9))
+    fused = [stages.fuse_shard(run, cfg.fusion, [det["a"][k], det["b"][k]], [2.0, 1.0], cfg.data, ids)
+             for k, ids in enumerate(stages.shards(cfg.data))]  # fmt: skip
+    fused_all = stages.merge(run, "fused", "fused", fused)
+    inst = [stages.segment_shard(run, cfg.segmenter, str(ckpts["seg"]), p, cfg.data, ids) for p, ids in zip(fused, stages.shards(cfg.data))]
+    inst_all = stages.merge(run, "instances", "seg", inst)
+    metrics_path = stages.evaluate_stage(run, cfg.data, cfg.fusion, merged, fused_all, inst_all)
+    rows = stages.ap_table(json.loads(Path(metrics_path).read_text()))
+    assert [r["stage"] for r in rows] == ["detector a", "detector b", "detector b + TTA", "fused", "final masks"]
+    assert rows[-1]["mask AP"] is not None and rows[0]["mask AP"] is None
+    assert stages.evaluate_stage(run, cfg.data, cfg.fusion, merged, fused_all, inst_all) == metrics_path
+    pictures = report.render_pictures(run, cfg, fused_all, inst_all)
+    assert [p.name for p in pictures] == ["1.png", "2.png"]
+    md = report.build_report(run, cfg, metrics_path, {"instances": inst_all}, pictures, {"detect": 6})
+    assert "| final masks | segmenter on the fused boxes |" in md and "![image 1](pictures/1.png)" in md
+    assert "detect 6" in md and "How to read this" in md
+    inline = report.build_report(run, cfg, metrics_path, {}, pictures, inline_pictures=True)
+    assert "data:image/jpeg;base64," in inline
+    assert "final masks" in stages.format_ap_table(rows)
