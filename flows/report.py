@@ -111,7 +111,8 @@ def build_report(
             table = [{"category": c, "box AP": per.get("bbox", {}).get(c), "mask AP": per["segm"][c]} for c in cats]
             lines += [markdown_table(table, ["category", "box AP", "mask AP"]), ""]
     else:
-        lines += ["## AP per stage", "", "Not evaluated: the data has no annotations (`data.ann`).", ""]
+        why = "the data has no annotations (`data.ann`)" if config.data.ann is None else "`evaluation.enabled` is false"
+        lines += ["## AP per stage", "", f"Not evaluated: {why}.", ""]
     if pictures:
         lines += ["## Pictures", "", f"Ground truth, fused boxes and final masks (score >= {config.evaluation.score_thresh}).", ""]
         for p in pictures:

@@ -1,0 +1,162 @@
+"""The flows on a real (temporary) Prefect server: what a rerun skips, what a change reruns,
+pass two alone, failed shards, parameter validation, artifacts, training, the Dask runner.
+
+One `prefect_test_harness` for the module (about 10 s), then 1-2 s of overhead a flow.
+What ran is counted from the run folder's ledger (one line per stage execution that computed)
+and from the Prefect states of the task runs (`Cached`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_flows_support import config, copy_data, counts, ledger_len, random_checkpoints
+
+import flows  # noqa: F401  (Prefect defaults before Prefect is imported)
+
+
+@pytest.fixture(scope="session")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def ckpts(synth_small, tmp_path_factory):
+    return random_checkpoints(tmp_path_factory.getbasetemp() / "flows_models", synth_small / "annotations.json")
+
+
+def task_states(flow_state) -> dict[str, str]:
+    """{task run name: state name} of a flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+    return {r.name: r.state.name for r in runs}
+
+
+def test_rerun_skips_and_changes_rerun_only_what_they_touch(harness, synth_small, ckpts, tmp_path):
+    from prefect.artifacts import Artifact
+
+    from flows.pipeline import segment_flow, two_pass_flow
+    from flows.stages import read_ledger
+    from pipeline.tables import read_table
+
+    run = tmp_path / "run"
+    cfg = config(synth_small, ckpts)
+    result = two_pass_flow(cfg, str(run))
+    # 2 detectors x 3 shards, then per shard a fusion and a segmentation.
+    assert counts(run) == {"detect": 6, "fuse": 3, "segment": 3, "merge": 4, "evaluate": 1}
+    assert [r["stage"] for r in result["table"]] == ["detector a", "detector b", "detector b + TTA", "fused", "final masks"]
+    instances, _ = read_table(run / "outputs" / "instances.parquet", "instances")
+    assert sorted(set(instances.column("image_id").to_pylist())) == list(range(1, 9))
+    assert (run / "report.md").is_file() and (run / "pictures" / "1.png").is_file() and (run / "logs" / "prefect.log").is_file()
+    table = Artifact.get("test-ap-per-stage")
+    assert table is not None and "final masks" in table.data
+    md = Artifact.get("test-report")
+    assert md is not None and "data:image/jpeg;base64," in md.data
+
+    # 1. The same run again: nothing computes; every shard task is a Prefect cache hit.
+    n = ledger_len(run)
+    state = two_pass_flow(cfg, str(run), return_state=True)
+    assert state.is_completed() and ledger_len(run) == n
+    states = task_states(state)
+    shard_tasks = {k: v for k, v in states.items() if k.startswith(("detect-", "fuse-", "segment-"))}
+    assert len(shard_tasks) == 12 and set(shard_tasks.values()) == {"Cached"}, states
+
+    # 2. Only the fusion settings change: fusion and segmentation rerun, detection does not.
+    soft = config(synth_small, ckpts, fusion={"method": "soft-nms"})
+    two_pass_flow(soft, str(run))
+    assert counts(run, since=n) == {"fuse": 3, "segment": 3, "merge": 2, "evaluate": 1}
+
+    # 3. A deleted output is recomputed (its Prefect record is dropped, not trusted), alone:
+    # the same fused content gives the same segmentation key, so pass two is reused.
+    n = ledger_len(run)
+    fused_shard = Path([e for e in read_ledger(run) if e["stage"] == "fuse"][-1]["output"])  # one the soft-nms run made
+    fused_shard.unlink()
+    two_pass_flow(soft, str(run))
+    assert counts(run, since=n) == {"fuse": 1} and fused_shard.is_file()
+
+    # 4. Pass two alone on a new detections file (ground-truth boxes as a COCO results JSON):
+    # only the segmentation stage runs.
+    gt = json.loads((synth_small / "annotations.json").read_text())
+    det = tmp_path / "new_boxes.json"
+    det.write_text(json.dumps([{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+                               for a in gt["annotations"]]))  # fmt: skip
+    n = ledger_len(run)
+    path = segment_flow(cfg, str(det), str(run))
+    assert counts(run, since=n) == {"segment": 3, "merge": 1}
+    assert read_table(path, "instances")[0].num_rows == len(gt["annotations"])
+    assert segment_flow(cfg, str(det), str(run)) == path and counts(run, since=n) == {"segment": 3, "merge": 1}
+
+
+def test_corrupt_image_fails_its_shard_and_the_rest_finish(harness, synth_small, ckpts, tmp_path):
+    from flows.pipeline import FlowFailed, two_pass_flow
+
+    data = copy_data(synth_small, tmp_path / "data")
+    images = json.loads((data / "annotations.json").read_text())["images"]
+    bad = data / "images" / images[4]["file_name"]  # image 5: shard 2 of 3
+    good = bad.read_bytes()
+    bad.write_bytes(good[: len(good) // 3])  # truncated
+    cfg = config(data, ckpts)
+    run = tmp_path / "run"
+    with pytest.raises(FlowFailed) as e:
+        two_pass_flow(cfg, str(run))
+    message = str(e.value)
+    assert f"cannot read image file {bad}" in message
+    assert "detect a shard 2/3" in message and "detect b shard 2/3" in message
+    # Shards 1 and 3 went through every stage and kept their outputs.
+    assert counts(run) == {"detect": 4, "fuse": 2, "segment": 2}
+    # Repaired, the rerun computes only shard 2.
+    bad.write_bytes(good)
+    n = ledger_len(run)
+    two_pass_flow(cfg, str(run))
+    assert counts(run, since=n) == {"detect": 2, "fuse": 1, "segment": 1, "merge": 4, "evaluate": 1}
+
+
+def test_prefect_validates_the_config_parameter(harness, synth_small, ckpts, tmp_path):
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.pipeline import two_pass_flow
+
+    bad = config(synth_small, ckpts).to_dict()
+    bad["fusion"]["method"] = "nmw"
+    with pytest.raises(ParameterTypeError, match="fusion.method"):
+        two_pass_flow(bad, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    good = config(synth_small, ckpts).to_dict()  # a plain mapping (as a deployment sends it) is fine
+    good["data"]["shard_size"] = "8"  # coerced to 8: one shard
+    from flows.pipeline import detect_flow
+
+    out = detect_flow(good, str(tmp_path / "run"))
+    assert set(out) == {"a", "b"} and counts(tmp_path / "run") == {"detect": 2, "merge": 2}
+
+
+def test_train_flow_trains_once_then_two_pass_finds_the_models(harness, synth_small, tmp_path):
+    from flows.pipeline import train_flow, two_pass_flow
+
+    cfg = config(synth_small, None, shard_size=8, evaluation={"enabled": False, "overlays": 0})
+    run = tmp_path / "run"
+    ckpts = train_flow(cfg, str(run))
+    assert set(ckpts) == {"a", "b", "seg"} and all(Path(p).name == "iter_0000001.json" for p in ckpts.values())
+    assert counts(run) == {"train": 3}
+    assert train_flow(cfg, str(run)) == ckpts and counts(run) == {"train": 3}
+    result = two_pass_flow(cfg, str(run))
+    assert counts(run) == {"train": 3, "detect": 2, "fuse": 1, "segment": 1, "merge": 4}
+    assert result["table"] == [] and "Not evaluated: `evaluation.enabled` is false" in Path(result["report"]).read_text()
+
+
+def test_dask_task_runner_gives_the_same_files(harness, synth_small, ckpts, tmp_path):
+    pytest.importorskip("prefect_dask")
+    from flows.pipeline import detect_flow, task_runner
+
+    cfg = config(synth_small, ckpts)
+    threads = detect_flow(cfg, str(tmp_path / "threads"))
+    dask = detect_flow.with_options(task_runner=task_runner("dask", workers=2))(cfg, str(tmp_path / "dask"))
+    assert [Path(p).name for p in dask.values()] == [Path(p).name for p in threads.values()]
+    assert counts(tmp_path / "dask") == {"detect": 6, "merge": 2}
