@@ -55,23 +55,37 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; the gradient of a sum is the sum of the gradients."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class NaiveSyncBatchNorm(nn.BatchNorm2d):
     """BatchNorm2d whose batch statistics are averaged over all DDP processes.
 
     `nn.SyncBatchNorm` refuses CPU tensors, so CPU runs (gloo) use this one, which all-reduces
-    per-channel sums with the autograd-aware `torch.distributed.nn.all_reduce` (as Detectron2's
-    NaiveSyncBatchNorm does). Processes may hold different numbers of pixels.
+    per-channel sums with a differentiable all-reduce (as Detectron2's NaiveSyncBatchNorm
+    does). Processes may hold different numbers of pixels.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn import all_reduce
-
         c = x.shape[1]
         n = torch.tensor([x.numel() / c], dtype=x.dtype, device=x.device)
         local = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), n])
-        total = all_reduce(local)
+        total = _AllReduceSum.apply(local)
         count = total[-1]
         mean = total[:c] / count
         var = (total[c : 2 * c] / count - mean * mean).clamp_min(0)

@@ -53,6 +53,9 @@ class DetectorTransform(GeneralizedRCNNTransform):
             return image, target
         h, w = image.shape[-2:]
         size = self.torch_choice(self.min_size) if self.training else self.test_size
+        f = min(float(size) / min(h, w), float(self.max_size) / max(h, w))
+        if int(h * f) == h and int(w * f) == w:  # already at that size: torchvision would still resample
+            return image, target
         image, target = _resize_image_and_masks(image, size, self.max_size, target)
         if target is not None:
             target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])

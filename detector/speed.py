@@ -3,8 +3,9 @@
 - BatchNorm folding: a frozen (or eval-mode) BatchNorm after a conv becomes the conv's scale
   and bias: w' = w * g / sqrt(v + eps), b' = (b - m) * g / sqrt(v + eps) + beta. torchvision's
   FrozenBatchNorm2d otherwise costs two extra passes over every activation.
-- channels-last: the backbone's convolutions run on NHWC tensors (oneDNN's preferred layout
-  on CPU); the FPN outputs go back to contiguous NCHW for the RoI ops.
+- channels-last: the convolutions of the body, the FPN and the RPN head run on NHWC tensors
+  (oneDNN's preferred layout on CPU): measured on resnet50 at 800x1216, 2 threads, the body
+  took about 0.65 of its NCHW time once folded and channels-last.
 """
 
 from __future__ import annotations
@@ -55,25 +56,28 @@ def fold_batchnorm(module: nn.Module) -> int:
 
 
 class ChannelsLast(nn.Module):
-    """Runs `body` on a channels-last input; returns its maps as contiguous NCHW."""
+    """Runs `backbone` (body + FPN) on a channels-last input, so every conv of the body, the
+    FPN and the RPN head (which reads the FPN maps) runs NHWC. torchvision's roi_align and
+    ps_roi_align give the same results on channels-last maps (tests/test_detector_infer.py)."""
 
-    def __init__(self, body: nn.Module):
+    def __init__(self, backbone: nn.Module):
         super().__init__()
-        self.body = body.to(memory_format=torch.channels_last)
+        self.inner = backbone.to(memory_format=torch.channels_last)
+        self.out_channels = getattr(backbone, "out_channels", None)
 
     def forward(self, x: Tensor):
-        out = self.body(x.contiguous(memory_format=torch.channels_last))
-        return type(out)((k, v.contiguous()) for k, v in out.items())
+        return self.inner(x.contiguous(memory_format=torch.channels_last))
 
 
 def optimize_for_inference(model: nn.Module, channels_last: bool | None = None) -> nn.Module:
-    """Fold BatchNorm and (on CPU by default) run the backbone channels-last. In place; the
-    model is for inference only afterwards (eval mode, no BatchNorm to train)."""
+    """Fold BatchNorm and (on CPU by default) run backbone and RPN head channels-last. In
+    place; the model is for inference only afterwards (eval mode, no BatchNorm to train)."""
     model.eval()
     fold_batchnorm(model.backbone)
     device = next(model.parameters()).device
     if channels_last is None:
         channels_last = device.type == "cpu"
-    if channels_last and not isinstance(model.backbone.body, ChannelsLast):
-        model.backbone.body = ChannelsLast(model.backbone.body)
+    if channels_last and not isinstance(model.backbone, ChannelsLast):
+        model.backbone = ChannelsLast(model.backbone)
+        model.rpn.head.to(memory_format=torch.channels_last)
     return model

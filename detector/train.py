@@ -179,6 +179,8 @@ class _Log:
     def print(self, msg: str) -> None:
         if self.progress is not None:
             self.progress.console.print(msg)
+        else:
+            print(msg, flush=True)
 
     def close(self) -> None:
         if self.progress is not None:

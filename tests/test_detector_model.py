@@ -10,6 +10,16 @@ from detector.config import CONFIG_DIR, ConfigError, ModelConfig, config_from_di
 from detector.heads import LevelPooler, LocationSensitiveHead, TwoFCHead
 from detector.model import build_detector
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads beside
+    another busy process slow every op many times over; one thread stays predictable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 SIZE = 64
 
 
@@ -175,8 +185,9 @@ def test_multi_scale_roi_pools_from_every_level():
 
 
 def test_configs_folder_loads(tmp_path):
-    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    assert names, "configs/ holds no model"
+    # pass two's configs (`*_seg`, read by segmenter/config.py) sit beside the detectors'
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.endswith("_seg"))
+    assert {"r50_fpn", "r50_lsd", "r50_cascade", "shufflev2_gap_lsd", "r18_lsd_cpu"} <= set(names)
     for n in names:
         cfg = load_config(n)
         assert cfg.name == n
