@@ -14,7 +14,7 @@ the run folder unless the user has set it; see `flows.env.configure`.
 
 Modules: `stages` (plain functions: keys, ledger, detect/fuse/segment/merge/train/evaluate),
 `models` (loading and training models), `report` (report.md, pictures), `tasks` (Prefect
-tasks), `pipeline` (Prefect flows), `cli` (`twopass demo`, `twopass flow ...`).
+tasks), `prefect_flows` (Prefect flows), `cli` (`twopass demo`, `twopass flow ...`).
 """
 
 from __future__ import annotations

@@ -32,18 +32,22 @@ def _start(out: Path):
     from .env import configure
 
     configure(out)
-    from . import pipeline
+    from . import prefect_flows
 
-    return pipeline
-
-
-def _flow(pipeline, name: str, task_runner: str, workers: int | None, dask_address: str | None):
-    flow = pipeline.FLOWS[name]
-    return flow.with_options(task_runner=pipeline.task_runner(task_runner, workers, dask_address))
+    return prefect_flows
 
 
-def _load(config: Path):
+def _flow(pf, name: str, task_runner: str, workers: int | None, dask_address: str | None):
+    flow = pf.FLOWS[name]
+    return flow.with_options(task_runner=pf.task_runner(task_runner, workers, dask_address))
+
+
+def _load(config: Path, out: Path):
     from pipeline.config import load_pipeline_config
+
+    from .env import configure
+
+    configure(out)  # before anything imports torch or Prefect
 
     return load_pipeline_config(config)
 
@@ -54,17 +58,17 @@ def _fail(e: Exception) -> None:
 
 
 def print_table(rows: list[dict], title: str) -> None:
+    """The AP table on the terminal (report.md has every column and what each row is)."""
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=title)
-    cols = ("box AP", "box AP50", "box AP75", "mask AP", "mask AP50", "mask AP75")
-    table.add_column("stage")
-    table.add_column("what")
+    cols = ("box AP", "box AP50", "mask AP", "mask AP50")
+    table.add_column("stage", no_wrap=True)
     for c in cols:
-        table.add_column(c, justify="right")
+        table.add_column(c, justify="right", no_wrap=True)
     for r in rows:
-        table.add_row(r["stage"], r["what"], *(f"{r[c]:.3f}" if r[c] is not None else "-" for c in cols))
+        table.add_row(r["stage"], *(f"{r[c]:.3f}" if r[c] is not None else "-" for c in cols))
     Console().print(table)
 
 
@@ -88,11 +92,11 @@ def train_cmd(
     dask_address: DaskOpt = None,
 ) -> None:
     """train_flow: train the configured detectors and the segmenter (finished ones are reused)."""
-    cfg = _load(config)
-    pipeline = _start(out)
+    cfg = _load(config, out)
+    pf = _start(out)
     try:
-        result = _flow(pipeline, "train", task_runner, workers, dask_address)(cfg, str(out), parallel)
-    except pipeline.FlowFailed as e:
+        result = _flow(pf, "train", task_runner, workers, dask_address)(cfg, str(out), parallel)
+    except pf.FlowFailed as e:
         _fail(e)
     for name, path in result.items():
         typer.echo(f"{name}: {path}")
@@ -108,14 +112,14 @@ def run_cmd(
     dask_address: DaskOpt = None,
 ) -> None:
     """two_pass_flow: detect (all detectors and views) -> fuse -> segment -> evaluate, per shard."""
-    cfg = _load(config)
-    pipeline = _start(out)
+    cfg = _load(config, out)
+    pf = _start(out)
     t0 = time.perf_counter()
     try:
         if train:
-            _flow(pipeline, "train", task_runner, workers, dask_address)(cfg, str(out))
-        result = _flow(pipeline, "two-pass", task_runner, workers, dask_address)(cfg, str(out))
-    except pipeline.FlowFailed as e:
+            _flow(pf, "train", task_runner, workers, dask_address)(cfg, str(out))
+        result = _flow(pf, "two-pass", task_runner, workers, dask_address)(cfg, str(out))
+    except pf.FlowFailed as e:
         _fail(e)
     _summary(result, out, time.perf_counter() - t0)
 
@@ -123,11 +127,11 @@ def run_cmd(
 @flow_app.command("detect")
 def detect_cmd(config: ConfigOpt, out: OutOpt, task_runner: RunnerOpt = "threads", workers: WorkersOpt = None, dask_address: DaskOpt = None) -> None:
     """detect_flow: every detector (all its views) on every shard; one detections file each."""
-    cfg = _load(config)
-    pipeline = _start(out)
+    cfg = _load(config, out)
+    pf = _start(out)
     try:
-        result = _flow(pipeline, "detect", task_runner, workers, dask_address)(cfg, str(out))
-    except pipeline.FlowFailed as e:
+        result = _flow(pf, "detect", task_runner, workers, dask_address)(cfg, str(out))
+    except pf.FlowFailed as e:
         _fail(e)
     for name, path in result.items():
         typer.echo(f"{name}: {path}")
@@ -155,17 +159,17 @@ def fuse_cmd(
     dask_address: DaskOpt = None,
 ) -> None:
     """fuse_flow: fuse the detectors' detections files, shard by shard."""
-    cfg = _load(config)
+    cfg = _load(config, out)
     named = _parse_named(detections, "--detections")
     if not named:
         named = {d.name: str(out / "outputs" / f"detections_{d.name}.parquet") for d in cfg.detectors}
         missing = [p for p in named.values() if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"{missing[0]}: no such file; run `twopass flow detect` first or give --detections NAME=PATH")
-    pipeline = _start(out)
+    pf = _start(out)
     try:
-        path = _flow(pipeline, "fuse", task_runner, workers, dask_address)(cfg, named, str(out))
-    except pipeline.FlowFailed as e:
+        path = _flow(pf, "fuse", task_runner, workers, dask_address)(cfg, named, str(out))
+    except pf.FlowFailed as e:
         _fail(e)
     typer.echo(f"fused: {path}")
 
@@ -181,15 +185,15 @@ def segment_cmd(
     dask_address: DaskOpt = None,
 ) -> None:
     """segment_flow: pass two alone on a detections file (the rerun path when new boxes arrive)."""
-    cfg = _load(config)
+    cfg = _load(config, out)
     if not detections.is_file():
         raise FileNotFoundError(f"--detections {detections}: no such file")
-    pipeline = _start(out)
+    pf = _start(out)
     try:
-        path = _flow(pipeline, "segment", task_runner, workers, dask_address)(
+        path = _flow(pf, "segment", task_runner, workers, dask_address)(
             cfg, str(detections.resolve()), str(out), str(checkpoint) if checkpoint else None
         )
-    except pipeline.FlowFailed as e:
+    except pf.FlowFailed as e:
         _fail(e)
     typer.echo(f"instances: {path}")
 
@@ -203,7 +207,7 @@ def evaluate_cmd(
     instances: Annotated[Optional[Path], typer.Option(help="Instances (default: OUT/outputs/instances.parquet if present).")] = None,
 ) -> None:
     """evaluate_flow: AP per stage as Prefect artifacts and OUT/report.md with pictures."""
-    cfg = _load(config)
+    cfg = _load(config, out)
     named = _parse_named(detections, "--detections") or {
         d.name: str(out / "outputs" / f"detections_{d.name}.parquet")
         for d in cfg.detectors
@@ -214,8 +218,8 @@ def evaluate_cmd(
     for p in (fused, instances):
         if p is not None and not Path(p).is_file():
             raise FileNotFoundError(f"{p}: no such file")
-    pipeline = _start(out)
-    result = pipeline.evaluate_flow(cfg, named, str(fused) if fused else None, str(instances) if instances else None, run_dir=str(out))
+    pf = _start(out)
+    result = pf.evaluate_flow(cfg, named, str(fused) if fused else None, str(instances) if instances else None, run_dir=str(out))
     if result["table"]:
         print_table(result["table"], f"AP per stage ({out})")
     typer.echo(f"report: {result['report']}")
@@ -256,9 +260,11 @@ def demo(
     from pipeline.synth import generate
 
     from .demo import SIZE, demo_config
+    from .env import configure
 
     t0 = time.perf_counter()
     out = out.resolve()
+    configure(out)  # before anything imports torch or Prefect
     data = out / "data"
     for split, n, seed in (("train", train_images, 0), ("val", val_images, 1)):
         ann = data / split / "annotations.json"
@@ -270,11 +276,11 @@ def demo(
     cfg = demo_config(data, train_budget_s=budget)
     write_pipeline_config(out / "pipeline.yaml", cfg)
     typer.echo(f"config: {out / 'pipeline.yaml'} (rerun with `twopass flow run --config {out / 'pipeline.yaml'} --out {out}`)")
-    pipeline = _start(out)
+    pf = _start(out)
     try:
-        _flow(pipeline, "train", task_runner, workers, dask_address)(cfg, str(out))
-        result = _flow(pipeline, "two-pass", task_runner, workers, dask_address)(cfg, str(out))
-    except pipeline.FlowFailed as e:
+        _flow(pf, "train", task_runner, workers, dask_address)(cfg, str(out))
+        result = _flow(pf, "two-pass", task_runner, workers, dask_address)(cfg, str(out))
+    except pf.FlowFailed as e:
         _fail(e)
     _summary(result, out, time.perf_counter() - t0)
     typer.echo(f"pictures: {out / 'pictures'}")

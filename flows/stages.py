@@ -10,6 +10,9 @@ a hash of the content of its input files, the stage's settings and the shard's i
   before anything else was recorded (the stage returns at once, computing nothing);
 - a cached result (Prefect's, keyed on the same key) can never point at another run's file.
 
+Input tables are identified by their rows (`data_hash`), not their file metadata, so a stage's
+key does not depend on where its inputs were written.
+
 Every execution that actually computes appends one line to `RUN/ledger.jsonl` (stage, name,
 key, output, seconds), so what ran can be counted.
 
@@ -52,7 +55,7 @@ class ShardError(RuntimeError):
 # --------------------------------------------------------------------------- hashing
 
 
-_HASHES: dict[tuple[str, int, int], str] = {}
+_HASHES: dict[tuple, str] = {}
 _HASH_LOCK = threading.Lock()
 
 
@@ -67,6 +70,36 @@ def content_hash(path: str | Path) -> str:
         hit = file_hash(p)
         with _HASH_LOCK:
             _HASHES[key] = hit
+    return hit
+
+
+def data_hash(path: str | Path) -> str:
+    """Identity of a table file: the hash of its rows for Parquet (its metadata, which records
+    paths of the run that wrote it, left out), of its bytes otherwise (COCO results JSON).
+    Remembered per (path, size, mtime) within the process."""
+    p = Path(path)
+    if p.suffix.lower() != ".parquet":
+        return content_hash(p)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns, "rows")
+    with _HASH_LOCK:
+        hit = _HASHES.get(key)  # type: ignore[call-overload]
+    if hit is None:
+        import hashlib
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(p).replace_schema_metadata(None)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ValueError(f"{p}: not a readable Parquet file ({e})") from None
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.combine_chunks())
+        hit = hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:16]
+        with _HASH_LOCK:
+            _HASHES[key] = hit  # type: ignore[index]
     return hit
 
 
@@ -362,7 +395,7 @@ def fuse_plan(run_dir, fusion: FusionConfig, inputs: Sequence[str | Path], weigh
     image_set = open_images(data)
     key = key_of(
         "fuse",
-        inputs=[content_hash(p) for p in inputs],
+        inputs=[data_hash(p) for p in inputs],
         weights=list(map(float, weights)),
         fusion=fusion.fuse_kwargs(),
         ids=list(map(int, ids)),
@@ -439,7 +472,7 @@ def segment_plan(run_dir, spec: SegmenterSpec, checkpoint: str | Path, detection
     key = key_of(
         "segment",
         checkpoint=checkpoint_hash(ckpt),
-        detections=content_hash(det),
+        detections=data_hash(det),
         views=[(v.scale, v.flip) for v in views],
         mask_thresh=spec.mask_thresh,
         skip_invalid=spec.skip_invalid,
@@ -592,9 +625,9 @@ def evaluation_plan(run_dir, data: DataConfig, fusion: FusionConfig, detectors: 
     key = key_of(
         "evaluate",
         gt=content_hash(data.ann),
-        detectors={k: content_hash(v) for k, v in detectors.items()},
-        fused=content_hash(fused) if fused else None,
-        instances=content_hash(instances) if instances else None,
+        detectors={k: data_hash(v) for k, v in detectors.items()},
+        fused=data_hash(fused) if fused else None,
+        instances=data_hash(instances) if instances else None,
         fusion=fusion.fuse_kwargs(),
     )
     return Planned(key, Path(run_dir) / "evaluation" / f"metrics-{key}.json")

@@ -27,7 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.config import PipelineConfig, safe_name
 
-from . import report, stages, tasks
+from flows import report, stages, tasks
 
 DEFAULT_RUN_DIR = "runs/twopass"
 
@@ -107,13 +107,17 @@ def _ran_since(run_dir: str | Path, t0: float) -> dict[str, int]:
     return stages.stage_counts(e for e in stages.read_ledger(run_dir) if e.get("time", 0) >= t0 - 1e-3)
 
 
-def _prepare(config: PipelineConfig, run_dir: str) -> str:
+def _prepare(config: PipelineConfig | str, run_dir: str) -> tuple[PipelineConfig, str]:
+    """The config (a YAML path is loaded: a deployment may be given one) and the run folder,
+    with the config written to RUN/pipeline.yaml."""
+    from pipeline.config import load_pipeline_config, write_pipeline_config
+
+    if isinstance(config, (str, Path)):
+        config = load_pipeline_config(config)
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    from pipeline.config import write_pipeline_config
-
     write_pipeline_config(run / "pipeline.yaml", config)
-    return str(run.resolve())
+    return config, str(run.resolve())
 
 
 def _checkpoints(config: PipelineConfig, run_dir: str, given: dict[str, str] | None) -> dict[str, str]:
@@ -138,11 +142,11 @@ def _shard_name(k: int, n: int) -> str:
 
 
 @flow(name="train", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def train_flow(config: PipelineConfig, run_dir: str = DEFAULT_RUN_DIR, parallel: bool = False) -> dict[str, str]:
+def train_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, parallel: bool = False) -> dict[str, str]:
     """Train the configured detectors and the segmenter (one task each) unless their config
     names a checkpoint; finished trainings are reused, killed ones resume. Returns
     {model name: checkpoint JSON}. `parallel`: submit all at once (no progress bars)."""
-    run_dir = _prepare(config, run_dir)
+    config, run_dir = _prepare(config, run_dir)
     T = tasks.bound(run_dir)
     with run_log(run_dir):
         log = get_run_logger()
@@ -165,10 +169,10 @@ def train_flow(config: PipelineConfig, run_dir: str = DEFAULT_RUN_DIR, parallel:
 
 
 @flow(name="detect", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def detect_flow(config: PipelineConfig, run_dir: str = DEFAULT_RUN_DIR, checkpoints: dict[str, str] | None = None) -> dict[str, str]:
+def detect_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, checkpoints: dict[str, str] | None = None) -> dict[str, str]:
     """Pass one without fusion: each detector (all its views) on each shard of images; returns
     {detector name: merged detections Parquet}."""
-    run_dir = _prepare(config, run_dir)
+    config, run_dir = _prepare(config, run_dir)
     T = tasks.bound(run_dir)
     with run_log(run_dir):
         ckpts = _checkpoints(config, run_dir, checkpoints)
@@ -203,10 +207,10 @@ def _merge_detect(T, config, run_dir, parts) -> dict[str, str]:
 
 
 @flow(name="fuse", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def fuse_flow(config: PipelineConfig, detections: dict[str, str], run_dir: str = DEFAULT_RUN_DIR) -> str:
+def fuse_flow(config: PipelineConfig | str, detections: dict[str, str], run_dir: str = DEFAULT_RUN_DIR) -> str:
     """Fuse the detections files of the detectors (names as in the config, for their weights),
     shard by shard; returns the merged fused Parquet."""
-    run_dir = _prepare(config, run_dir)
+    config, run_dir = _prepare(config, run_dir)
     T = tasks.bound(run_dir)
     weights = {d.name: d.weight for d in config.detectors}
     unknown = sorted(set(detections) - set(weights))
@@ -231,11 +235,11 @@ def fuse_flow(config: PipelineConfig, detections: dict[str, str], run_dir: str =
 
 
 @flow(name="segment", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def segment_flow(config: PipelineConfig, detections: str, run_dir: str = DEFAULT_RUN_DIR, checkpoint: str | None = None) -> str:
+def segment_flow(config: PipelineConfig | str, detections: str, run_dir: str = DEFAULT_RUN_DIR, checkpoint: str | None = None) -> str:
     """Pass two alone: masks for the boxes of `detections` (a detections Parquet or COCO results
     JSON from any source), shard by shard; returns the merged instances Parquet. The rerun path
     when new detections arrive: only these shards' segmentation runs."""
-    run_dir = _prepare(config, run_dir)
+    config, run_dir = _prepare(config, run_dir)
     T = tasks.bound(run_dir)
     det = Path(detections)
     if not det.is_file():
@@ -261,7 +265,7 @@ def segment_flow(config: PipelineConfig, detections: str, run_dir: str = DEFAULT
 
 @flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=1))
 def evaluate_flow(
-    config: PipelineConfig,
+    config: PipelineConfig | str,
     detections: dict[str, str],
     fused: str | None = None,
     instances: str | None = None,
@@ -271,7 +275,7 @@ def evaluate_flow(
     """AP of each stage (each detector, the fused boxes, the final masks): a Prefect table
     artifact, a markdown artifact with overlay pictures, and RUN/report.md with RUN/pictures/.
     Returns {"metrics": path or None, "report": path, "table": rows}."""
-    run_dir = _prepare(config, run_dir)
+    config, run_dir = _prepare(config, run_dir)
     T = tasks.bound(run_dir)
     with run_log(run_dir):
         log = get_run_logger()
@@ -303,12 +307,12 @@ def evaluate_flow(
 
 
 @flow(name="two-pass", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def two_pass_flow(config: PipelineConfig, run_dir: str = DEFAULT_RUN_DIR, checkpoints: dict[str, str] | None = None) -> dict[str, Any]:
+def two_pass_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, checkpoints: dict[str, str] | None = None) -> dict[str, Any]:
     """Pass one (every detector and view on every shard, fused per shard), pass two (the
     segmenter on each shard's fused boxes), then evaluation and the report. Returns the output
     paths and the AP table."""
     t0 = time.time()
-    run_dir = _prepare(config, run_dir)
+    config, run_dir = _prepare(config, run_dir)
     T = tasks.bound(run_dir)
     with run_log(run_dir):
         log = get_run_logger()
