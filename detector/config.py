@@ -7,7 +7,7 @@ changing one line. Unknown keys are errors (a misspelt switch must not be ignore
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -212,16 +212,20 @@ def _format_error(e: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(parts)
 
 
-def config_from_dict(data: Any, source: str = "config") -> ModelConfig:
+C = TypeVar("C", bound=ModelConfig)
+
+
+def config_from_dict(data: Any, source: str = "config", cls: type[C] = ModelConfig) -> C:
+    """Validate a config mapping as `cls` (ModelConfig, or a subclass such as the segmenter's)."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a model config is a mapping, got {type(data).__name__}")
     try:
-        return ModelConfig.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_error(e, source)) from None
 
 
-def load_config(path_or_name: str | Path) -> ModelConfig:
+def load_config(path_or_name: str | Path, cls: type[C] = ModelConfig) -> C:
     """Load a YAML model config: a file path, or the name of a file in `configs/` (no suffix)."""
     path = Path(path_or_name)
     if not path.exists() and path.suffix == "" and (CONFIG_DIR / f"{path}.yaml").exists():
@@ -232,4 +236,4 @@ def load_config(path_or_name: str | Path) -> ModelConfig:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    return config_from_dict(data, str(path))
+    return config_from_dict(data, str(path), cls)

@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from detector.config import CONFIG_DIR, ConfigError, MaskHeadConfig, ModelConfig, _format_error
+from detector.config import MaskHeadConfig, ModelConfig, config_from_dict, load_config
 
 
 class SegmenterMaskConfig(MaskHeadConfig):
@@ -45,23 +44,9 @@ class SegmenterConfig(ModelConfig):
 
 
 def segmenter_config_from_dict(data: Any, source: str = "config") -> SegmenterConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a segmenter config is a mapping, got {type(data).__name__}")
-    try:
-        return SegmenterConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
+    return config_from_dict(data, source, SegmenterConfig)
 
 
 def load_segmenter_config(path_or_name: str | Path) -> SegmenterConfig:
     """Load a YAML segmenter config: a file path, or the name of a file in `configs/`."""
-    path = Path(path_or_name)
-    if not path.exists() and path.suffix == "" and (CONFIG_DIR / f"{path}.yaml").exists():
-        path = CONFIG_DIR / f"{path}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file (nor a name in {CONFIG_DIR})")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    return segmenter_config_from_dict(data, str(path))
+    return load_config(path_or_name, SegmenterConfig)
