@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.categories import Categories
+from pipeline.masks import paste_and_encode
 from pipeline.tables import detections_table, instances_table
 
 
@@ -119,14 +120,7 @@ def predict(model: nn.Module, images: list[Tensor], view: View, max_size: int) -
 
 def masks_to_rles(soft: Tensor, boxes: Tensor, hw: tuple[int, int]) -> list[dict]:
     """RoI soft masks [N, 1, M, M] pasted at boxes (original pixels), thresholded at 0.5, as RLEs."""
-    from pycocotools import mask as mask_utils
-    from torchvision.models.detection.roi_heads import paste_masks_in_image
-
-    if len(boxes) == 0:
-        return []
-    full = paste_masks_in_image(soft, boxes, hw)[:, 0] > 0.5
-    arr = np.asfortranarray(full.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
-    return list(mask_utils.encode(arr))
+    return paste_and_encode(soft[:, 0], boxes, hw)
 
 
 def detect(
