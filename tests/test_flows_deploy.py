@@ -1,0 +1,114 @@
+"""Deployments (prefect.yaml) on a real server: `prefect server start` on 127.0.0.1, a process
+work pool, `prefect deploy --all`, a worker, then `segment_flow` run by its deployment to
+completion. Every process the test starts is stopped (by process group) at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from test_flows_support import config, counts, random_checkpoints
+
+import flows
+
+REPO = Path(flows.__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group (a Prefect worker may need a second one), then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=10)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+    for _ in range(100):  # children of the group (uvicorn, flow runs) gone too
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_segment_flow_runs_by_deployment(synth_small, tmp_path):
+    from pipeline.config import write_pipeline_config
+
+    ckpts = random_checkpoints(tmp_path / "models", synth_small / "annotations.json")
+    cfg_path = write_pipeline_config(tmp_path / "pipeline.yaml", config(synth_small, ckpts))
+    gt = json.loads((synth_small / "annotations.json").read_text())
+    det = tmp_path / "boxes.json"
+    det.write_text(json.dumps([{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+                               for a in gt["annotations"]]))  # fmt: skip
+    run = tmp_path / "run"
+
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    base.update(PREFECT_HOME=str(tmp_path / "prefect_home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = dict(base, PREFECT_API_URL=api)
+    prefect = [sys.executable, "-m", "prefect"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    started: list[subprocess.Popen] = []
+
+    def start(args: list[str], name: str, **kw) -> subprocess.Popen:
+        out = (logs / f"{name}.log").open("w")
+        p = subprocess.Popen(prefect + args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+        started.append(p)
+        return p
+
+    def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+        kw.setdefault("env", env)
+        return subprocess.run(prefect + list(args), capture_output=True, text=True, **kw)
+
+    try:
+        server = start(["server", "start", "--host", "127.0.0.1", "--port", str(port)], "server", env=base)
+        while True:
+            assert server.poll() is None, (logs / "server.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        r = cli("work-pool", "create", "twopass", "--type", "process")
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = cli("--no-prompt", "deploy", "--all", cwd=REPO, env=dict(env, PWD=str(REPO)))
+        assert r.returncode == 0, r.stdout + r.stderr
+        for name in ("train/train", "two-pass/two-pass", "segment/segment"):
+            assert name in r.stdout, r.stdout
+        start(["worker", "start", "--pool", "twopass"], "worker", env=dict(env, PREFECT_WORKER_QUERY_SECONDS="2"))
+        params = json.dumps({"config": str(cfg_path), "detections": str(det), "run_dir": str(run)})
+        r = cli("deployment", "run", "segment/segment", "--params", params, "--watch")
+        assert r.returncode == 0 and "Completed" in r.stdout, r.stdout + r.stderr + (logs / "worker.log").read_text()[-3000:]
+        assert (run / "outputs" / "instances.parquet").is_file()
+        assert counts(run) == {"segment": 3, "merge": 1}
+        # A bad parameter is refused before any run is created.
+        bad = json.loads(params)
+        bad["config"] = {"data": {"images": "x"}}
+        r = cli("deployment", "run", "segment/segment", "--params", json.dumps(bad))
+        assert r.returncode != 0 and "Validation failed for field 'config'" in (r.stdout + r.stderr)
+    finally:
+        for p in reversed(started):
+            _stop(p)
