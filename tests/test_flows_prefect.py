@@ -43,7 +43,7 @@ def task_states(flow_state) -> dict[str, str]:
 def test_rerun_skips_and_changes_rerun_only_what_they_touch(harness, synth_small, ckpts, tmp_path):
     from prefect.artifacts import Artifact
 
-    from flows.pipeline import segment_flow, two_pass_flow
+    from flows.prefect_flows import segment_flow, two_pass_flow
     from flows.stages import read_ledger
     from pipeline.tables import read_table
 
@@ -96,7 +96,7 @@ def test_rerun_skips_and_changes_rerun_only_what_they_touch(harness, synth_small
 
 
 def test_corrupt_image_fails_its_shard_and_the_rest_finish(harness, synth_small, ckpts, tmp_path):
-    from flows.pipeline import FlowFailed, two_pass_flow
+    from flows.prefect_flows import FlowFailed, two_pass_flow
 
     data = copy_data(synth_small, tmp_path / "data")
     images = json.loads((data / "annotations.json").read_text())["images"]
@@ -122,7 +122,7 @@ def test_corrupt_image_fails_its_shard_and_the_rest_finish(harness, synth_small,
 def test_prefect_validates_the_config_parameter(harness, synth_small, ckpts, tmp_path):
     from prefect.exceptions import ParameterTypeError
 
-    from flows.pipeline import two_pass_flow
+    from flows.prefect_flows import two_pass_flow
 
     bad = config(synth_small, ckpts).to_dict()
     bad["fusion"]["method"] = "nmw"
@@ -131,14 +131,14 @@ def test_prefect_validates_the_config_parameter(harness, synth_small, ckpts, tmp
     assert not (tmp_path / "run").exists()
     good = config(synth_small, ckpts).to_dict()  # a plain mapping (as a deployment sends it) is fine
     good["data"]["shard_size"] = "8"  # coerced to 8: one shard
-    from flows.pipeline import detect_flow
+    from flows.prefect_flows import detect_flow
 
     out = detect_flow(good, str(tmp_path / "run"))
     assert set(out) == {"a", "b"} and counts(tmp_path / "run") == {"detect": 2, "merge": 2}
 
 
 def test_train_flow_trains_once_then_two_pass_finds_the_models(harness, synth_small, tmp_path):
-    from flows.pipeline import train_flow, two_pass_flow
+    from flows.prefect_flows import train_flow, two_pass_flow
 
     cfg = config(synth_small, None, shard_size=8, evaluation={"enabled": False, "overlays": 0})
     run = tmp_path / "run"
@@ -153,7 +153,7 @@ def test_train_flow_trains_once_then_two_pass_finds_the_models(harness, synth_sm
 
 def test_dask_task_runner_gives_the_same_files(harness, synth_small, ckpts, tmp_path):
     pytest.importorskip("prefect_dask")
-    from flows.pipeline import detect_flow, task_runner
+    from flows.prefect_flows import detect_flow, task_runner
 
     cfg = config(synth_small, ckpts)
     threads = detect_flow(cfg, str(tmp_path / "threads"))
