@@ -1,0 +1,781 @@
+"""The slides' ablation, rerun on synthetic data: every row trained with the same schedule,
+evaluated with COCO metrics, averaged over seeds. Resumable row by row.
+
+    python benchmarks/ablation.py --budget smoke|small|full [--seeds N] [--out DIR]
+                                  [--rows PATTERN] [--device cpu|cuda] [--threads 2]
+
+Budgets (data sizes and schedule; every row gets the same):
+  smoke  a few iterations on a few images: checks the machinery in minutes, numbers mean nothing
+  small  2 CPU cores, about 90 minutes for one seed with the `*_cpu` presets (see BUDGETS)
+  full   meant for a GPU (`--device cuda`): more data, a longer schedule, three seeds
+
+Models. All configs are built in code from ONE base preset, `configs/r18_lsd_cpu.yaml`
+(ResNet-18 FPN-64, 128 px inputs), normalised to the slides' baseline (two_fc box head,
+standard mask head, no multi-scale RoI, no global context, no edge loss). Each row then turns
+on its switches and nothing else; the ShuffleNetV2 rows take only the `backbone` section of
+`configs/shufflev2_lsd_cpu.yaml`. The schedule (iterations, batch, warm-up, LR steps) comes
+from the budget and is the same for every model. Models shared by several rows are trained
+once per seed (e.g. the full-header segmenter serves every two-pass row).
+
+Rows (reference row in brackets; deltas are paired per seed, then averaged):
+  header     baseline; + location-sensitive box head [baseline]; + multi-scale RoI, box and
+             mask [+LSD]; heavier mask head alone [baseline]; mask edge loss alone [baseline];
+             full Location Sensitive Header [baseline]; the same on ShuffleNetV2 [full header];
+             + global context [ShuffleNetV2]. Box AP from the segmenter's own detections.
+  two_pass   the full-header segmenter alone; its masks on WBF-fused boxes of 2 detectors
+             (LSD + its Cascade, `cascade_stages: 3`) and of 3 (+ ShuffleNetV2 LSD); + detection
+             TTA (scales x flip); + mask TTA; masks on ground-truth boxes (upper bound).
+  detection  single detector (LSD); + Soft-NMS (replacing NMS, `rescore=True`); + TTA
+             (views merged by Soft-NMS); + ensemble of the 3 detectors with TTA, WBF and Soft-NMS.
+
+Every evaluation keeps score > 0.001 and the top 100 per image (COCO practice, METHOD.md).
+
+Resuming. Everything lives under DIR, named by a content key (model config, schedule, data,
+seed, evaluation settings): DIR/models/seed<k>/<model>-<key>/ holds a training run (the
+engine resumes it from its checkpoints; `done.json` marks it finished), and
+DIR/rows/<row>/seed<k>.json one finished evaluation, written atomically. A rerun skips every
+finished row and reuses every finished model; a changed preset or budget gets new keys and is
+computed afresh. DIR/results.md and DIR/results.json are rewritten after every row.
+
+Last line: full_header_mask_ap_gain=<AP points> full_header_box_ap_gain=<> two_pass_mask_ap_gain=<>
+improve_on_dets_mask_ap_gain=<> det_ensemble_box_ap_gain=<> rows=<n> seeds=<n>
+"""
+
+from __future__ import annotations
+
+import os
+
+# Threads that sleep instead of spinning at OpenMP barriers: on a shared 2-core machine a
+# spinning runtime competing with another process slows every op (benchmarks/train_speed.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import fnmatch  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+VERSION = 1  # bump when a row's meaning changes: old row files are then not reused
+SCORE_THRESH = 0.001
+MAX_PER_IMAGE = 100
+RAW_PER_VIEW = 300  # boxes a view keeps when Soft-NMS replaces the model's NMS
+BASE_PRESET = "r18_lsd_cpu"
+SHUFFLE_PRESET = "shufflev2_lsd_cpu"
+TWO_PASS_SEGMENTER = "seg_lsh"  # the full-header segmenter (ResNet-18), pass two of every two-pass row
+DETECTORS_2 = ("det_lsd", "det_cascade")
+DETECTORS_3 = ("det_lsd", "det_cascade", "det_shufflev2")
+STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    train_images: int
+    val_images: int
+    iters: int
+    batch: int
+    warmup_iters: int
+    checkpoint_every: int
+    seeds: int = 1  # default of --seeds
+    image_size: int = 128
+    det_tta_scales: tuple[int, ...] = (112, 128, 160)
+    mask_tta_scales: tuple[int, ...] = (128, 160)
+    device: str = "cpu"
+
+
+BUDGETS = {
+    # Same batch and input sizes as `small`, so its seconds an iteration project `small`'s time.
+    "smoke": Budget("smoke", train_images=16, val_images=8, iters=6, batch=4, warmup_iters=2, checkpoint_every=3),
+    # How `small` was sized (2 threads, OMP_WAIT_POLICY=PASSIVE, shared machine at load 4-5):
+    # one iteration (batch 4, 112-144 px) of each of the 11 models, medians summed, took
+    # 11.9 s (smoke run, 6 iterations each) and 13.8 s (12 iterations each); 300 iterations
+    # -> 60-69 min of training. Evaluation of all 19 rows took 81 s on the smoke run's 8 val
+    # images (~10 s an image, 100 detections an image already) -> ~17 min for 100 images.
+    # Data generation ~15 s. Total about 80-90 min for one seed.
+    "small": Budget("small", train_images=600, val_images=100, iters=300, batch=4, warmup_iters=50, checkpoint_every=100),
+    # For a GPU (not measured here: no GPU was available when this was written).
+    "full": Budget("full", train_images=4000, val_images=500, iters=9000, batch=8, warmup_iters=500,
+                   checkpoint_every=1000, seeds=3, device="cuda"),
+}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- model configs
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def base_dict(budget: Budget) -> dict:
+    """The baseline: `configs/r18_lsd_cpu.yaml` with every slide switch off and the budget's schedule."""
+    from detector.config import load_config
+
+    d = load_config(BASE_PRESET).to_dict()
+    return _merge(
+        d,
+        {
+            "backbone": {"global_context": False},
+            "box_head": {"type": "two_fc", "multi_scale_roi": False, "cascade_stages": 1},
+            "mask_head": {"enabled": True, "type": "standard", "multi_scale_roi": False, "edge_loss": "none", "edge_weight": 1.0},
+            "train": {"warmup_iters": budget.warmup_iters, "checkpoint_every": budget.checkpoint_every},
+        },
+    )
+
+
+def shufflenet_backbone() -> dict:
+    from detector.config import load_config
+
+    return {"backbone": load_config(SHUFFLE_PRESET).to_dict()["backbone"]}
+
+
+LSD = {"box_head": {"type": "location_sensitive"}}
+MS_ROI = {"box_head": {"multi_scale_roi": True}, "mask_head": {"multi_scale_roi": True}}
+HEAVIER = {"mask_head": {"type": "heavier"}}
+EDGE = {"mask_head": {"edge_loss": "sobel", "edge_weight": 1.0}}
+NO_MASK = {"mask_head": {"enabled": False}}
+
+
+def _lsh() -> dict:
+    return _merge(_merge(_merge(LSD, MS_ROI), HEAVIER), EDGE)
+
+
+# name -> (kind, switches over the baseline); a callable gives switches needing other presets.
+MODELS: dict[str, tuple[str, Callable[[], dict]]] = {
+    "seg_baseline": ("segmenter", lambda: {}),
+    "seg_lsd": ("segmenter", lambda: LSD),
+    "seg_lsd_ms": ("segmenter", lambda: _merge(LSD, MS_ROI)),
+    "seg_heavier": ("segmenter", lambda: HEAVIER),
+    "seg_edge": ("segmenter", lambda: EDGE),
+    "seg_lsh": ("segmenter", _lsh),
+    "seg_lsh_shufflev2": ("segmenter", lambda: _merge(_lsh(), _merge(shufflenet_backbone(), {"backbone": {"global_context": False}}))),
+    "seg_lsh_shufflev2_gap": ("segmenter", lambda: _merge(_lsh(), _merge(shufflenet_backbone(), {"backbone": {"global_context": True}}))),
+    # Pass-one detectors: the full header's box side (LSD + multi-scale RoI), no mask branch.
+    "det_lsd": ("detector", lambda: _merge(_merge(LSD, {"box_head": {"multi_scale_roi": True}}), NO_MASK)),
+    "det_cascade": ("detector", lambda: _merge(_merge(LSD, {"box_head": {"multi_scale_roi": True, "cascade_stages": 3}}), NO_MASK)),
+    "det_shufflev2": ("detector", lambda: _merge(_merge(_merge(LSD, {"box_head": {"multi_scale_roi": True}}), NO_MASK),
+                                                 _merge(shufflenet_backbone(), {"backbone": {"global_context": True}}))),
+}  # fmt: skip
+
+
+def model_config(name: str, budget: Budget):
+    """Validated config of a model: the baseline dict plus the model's switches."""
+    kind, switches = MODELS[name]
+    d = _merge(base_dict(budget), switches())
+    d["name"] = name
+    if kind == "segmenter":
+        from segmenter.config import segmenter_config_from_dict
+
+        return kind, segmenter_config_from_dict(d, f"ablation model {name}")
+    from detector.config import config_from_dict
+
+    # the detector's MaskHeadConfig has no segmenter switches
+    d["mask_head"] = {k: v for k, v in d["mask_head"].items() if k not in ("type", "multi_scale_roi", "edge_loss", "edge_weight")}
+    return kind, config_from_dict(d, f"ablation model {name}")
+
+
+# --------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    group: str  # header | two_pass | detection
+    label: str
+    ref: str | None
+    models: tuple[str, ...]
+    run: str  # evaluation recipe (see `evaluate_row`)
+    args: dict = field(default_factory=dict)
+    slides: str = ""  # the slides' change (mask / box AP) for this row, for the reading
+
+
+ROWS: tuple[Row, ...] = (
+    # Location Sensitive Header and backbone: segmenters trained end to end, own boxes and masks.
+    Row("baseline", "header", "Baseline (two_fc box head, standard mask head)", None, ("seg_baseline",), "own", slides="34.4 / 37.0"),
+    Row("lsd", "header", "+ Location Sensitive Detector", "baseline", ("seg_lsd",), "own", slides="+1.0 / +1.7"),
+    Row("lsd_ms", "header", "+ Multi-Scale RoI (box and mask)", "lsd", ("seg_lsd_ms",), "own", slides="+0.2 / +0.2"),
+    Row("heavier", "header", "Heavier mask head alone", "baseline", ("seg_heavier",), "own", slides="+0.9 / -0.2"),
+    Row("edge", "header", "Mask edge loss alone", "baseline", ("seg_edge",), "own", slides="+0.6 / +0.0"),
+    Row("lsh", "header", "Full Location Sensitive Header", "baseline", ("seg_lsh",), "own", slides="+2.6 / +2.0 (R50)"),
+    Row("lsh_shufflev2", "header", "Full header, ShuffleNetV2 backbone", "lsh", ("seg_lsh_shufflev2",), "own",
+        slides="+3.8 / +5.7 (ShuffleV2 vs R50, large model)"),
+    Row("lsh_shufflev2_gap", "header", "+ global context (GAP)", "lsh_shufflev2", ("seg_lsh_shufflev2_gap",), "own",
+        slides="+0.7 / +0.7 (on the baseline)"),
+    # Two-pass pipeline: pass two is always the full-header segmenter.
+    Row("tp_alone", "two_pass", "Full-header segmenter alone (own boxes)", None, (TWO_PASS_SEGMENTER,), "own", slides="-"),
+    Row("tp_fused2", "two_pass", "Masks on fused boxes, 2 detectors (LSD + Cascade)", "tp_alone",
+        (TWO_PASS_SEGMENTER, *DETECTORS_2), "two_pass", {"detectors": DETECTORS_2, "det_views": "single", "mask_views": "single"}),
+    Row("tp_fused3", "two_pass", "Masks on fused boxes, 3 detectors (+ ShuffleNetV2)", "tp_alone",
+        (TWO_PASS_SEGMENTER, *DETECTORS_3), "two_pass", {"detectors": DETECTORS_3, "det_views": "single", "mask_views": "single"},
+        slides="+3.1 / +6.1 (Improve on Dets)"),
+    Row("tp_det_tta", "two_pass", "+ detection TTA (scales x flip)", "tp_fused3",
+        (TWO_PASS_SEGMENTER, *DETECTORS_3), "two_pass", {"detectors": DETECTORS_3, "det_views": "tta", "mask_views": "single"}),
+    Row("tp_mask_tta", "two_pass", "+ mask TTA (scales x flip)", "tp_det_tta",
+        (TWO_PASS_SEGMENTER, *DETECTORS_3), "two_pass", {"detectors": DETECTORS_3, "det_views": "tta", "mask_views": "tta"},
+        slides="+0.5 / +0.0"),
+    Row("tp_gt_boxes", "two_pass", "Upper bound: masks on ground-truth boxes", "tp_alone", (TWO_PASS_SEGMENTER,), "gt_boxes", slides="-"),
+    # Detection only.
+    Row("det_single", "detection", "Single detector (LSD + multi-scale RoI, NMS)", None, ("det_lsd",), "detect",
+        {"detectors": ("det_lsd",), "views": "single", "method": "none"}, slides="49.3"),
+    Row("det_softnms", "detection", "+ Soft-NMS (replaces NMS, rescored)", "det_single", ("det_lsd",), "detect",
+        {"detectors": ("det_lsd",), "views": "single", "method": "soft-nms"}, slides="+0.5"),
+    Row("det_tta", "detection", "+ TTA (scales x flip, Soft-NMS)", "det_softnms", ("det_lsd",), "detect",
+        {"detectors": ("det_lsd",), "views": "tta", "method": "soft-nms"}, slides="+1.8"),
+    Row("det_ens_wbf", "detection", "+ ensemble of 3 (with Cascade), WBF", "det_tta", DETECTORS_3, "detect",
+        {"detectors": DETECTORS_3, "views": "tta", "method": "wbf"}, slides="+2.0, +1.8 with Cascade"),
+    Row("det_ens_softnms", "detection", "+ ensemble of 3 (with Cascade), Soft-NMS", "det_tta", DETECTORS_3, "detect",
+        {"detectors": DETECTORS_3, "views": "tta", "method": "soft-nms"}, slides="+2.0, +1.8 with Cascade"),
+)  # fmt: skip
+ROW_BY_NAME = {r.name: r for r in ROWS}
+
+
+def select_rows(pattern: str | None) -> list[Row]:
+    """Rows whose name matches any of the comma-separated glob patterns (all rows for None)."""
+    if not pattern:
+        return list(ROWS)
+    pats = [p.strip() for p in pattern.split(",") if p.strip()]
+    rows = [r for r in ROWS if any(fnmatch.fnmatchcase(r.name, p) for p in pats)]
+    if not rows:
+        raise SystemExit(f"--rows {pattern!r}: matches no row; rows are {', '.join(r.name for r in ROWS)}")
+    return rows
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def fmt_s(s: float | None) -> str:
+    if s is None or not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+def _jsonl_train_stats(path: Path, iters: int) -> tuple[float, float]:
+    """(training seconds, median seconds an iteration) of a run from its metrics.jsonl: the
+    engine trims lines after the checkpoint it resumes from, so the sum covers the whole run."""
+    total, times = 0.0, []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if "loss" in r and r.get("iter", 0) <= iters:
+                total += float(r.get("time", 0.0)) + float(r.get("data_time", 0.0))
+                times.append(float(r.get("time", 0.0)))
+    return total, (statistics.median(times) if times else float("nan"))
+
+
+def prune_checkpoints(run: Path) -> None:
+    """Delete every checkpoint of a finished run but the last (about 130 MB each for the
+    `*_cpu` presets with optimizer state); `last.json` names the one kept."""
+    from detector.checkpoint import resolve
+
+    last = resolve(run)
+    for p in last.parent.glob("iter_*"):
+        if not p.name.startswith(last.stem + "."):
+            p.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def nms_off(model):
+    """The model's per-class NMS switched off (IoU threshold 1.0), for Soft-NMS to replace it."""
+    rh = model.roi_heads
+    saved = rh.nms_thresh
+    rh.nms_thresh = 1.0
+    try:
+        yield
+    finally:
+        rh.nms_thresh = saved
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class Ablation:
+    def __init__(self, out: Path, budget: Budget, seeds: int, rows: list[Row], device: str = "cpu", log: Callable[[str], None] = print):
+        self.out = Path(out)
+        self.budget = budget
+        self.seeds = seeds
+        self.rows = rows
+        self.device = device
+        self.log = log
+        self.stats = {"rows_computed": 0, "rows_skipped": 0, "models_trained": 0, "models_reused": 0}
+        self._train_walls: list[float] = []
+        self._eval_walls: list[float] = []
+        self._models: dict[str, tuple[Any, Any]] = {}
+        self._dets: dict[tuple, Any] = {}
+        self._cfg_cache: dict[str, tuple[str, Any]] = {}
+        self._seed: int | None = None
+
+    # ----------------------------------------------------------------- data
+
+    def prepare_data(self) -> None:
+        from pipeline.coco import CocoIndex
+        from pipeline.synth import generate
+
+        b = self.budget
+        self.train_dir = self.out / "data" / f"train-{b.train_images}x{b.image_size}-seed0"
+        self.val_dir = self.out / "data" / f"val-{b.val_images}x{b.image_size}-seed1"
+        for d, n, seed in ((self.train_dir, b.train_images, 0), (self.val_dir, b.val_images, 1)):
+            if not (d / "annotations.json").is_file():  # written last (atomically) by generate
+                t0 = time.perf_counter()
+                generate(d, n, b.image_size, seed=seed)
+                self.log(f"data: {n} images of {b.image_size} px (seed {seed}) -> {d} in {fmt_s(time.perf_counter() - t0)}")
+        self.val_index = CocoIndex.load(self.val_dir / "annotations.json")
+        self.val_images = self.val_index.image_set(self.val_dir / "images")
+        self.data_key = {"train": self.train_dir.name, "val": self.val_dir.name, "synth": "pipeline.synth.generate"}
+
+    # ----------------------------------------------------------------- models
+
+    def config(self, name: str):
+        if name not in self._cfg_cache:
+            self._cfg_cache[name] = model_config(name, self.budget)
+        return self._cfg_cache[name]
+
+    def model_key(self, name: str, seed: int) -> str:
+        from pipeline.fileio import stable_hash
+
+        kind, cfg = self.config(name)
+        b = self.budget
+        return stable_hash({"kind": kind, "config": cfg.to_dict(), "iters": b.iters, "batch": b.batch, "seed": seed, "data": self.data_key["train"]})
+
+    def run_dir(self, name: str, seed: int) -> Path:
+        return self.out / "models" / f"seed{seed}" / f"{name}-{self.model_key(name, seed)}"
+
+    def model_done(self, name: str, seed: int) -> dict | None:
+        from pipeline.fileio import read_json
+
+        p = self.run_dir(name, seed) / "done.json"
+        return read_json(p) if p.is_file() else None
+
+    def ensure_trained(self, name: str, seed: int) -> dict:
+        """Train (or finish training) a model; returns its done.json record."""
+        import torch
+
+        from detector.checkpoint import CheckpointError, read_meta
+        from detector.train import TrainOptions, train
+        from pipeline.coco import CocoDataset
+        from pipeline.fileio import write_json
+
+        done = self.model_done(name, seed)
+        if done is not None:
+            return done
+        kind, cfg = self.config(name)
+        b = self.budget
+        run = self.run_dir(name, seed)
+        try:
+            meta = read_meta(run)
+        except CheckpointError:
+            meta = None
+        t0 = time.perf_counter()
+        if meta is None or meta.iteration < b.iters:
+            start = 0 if meta is None else meta.iteration
+            self.log(f"  train {name} (seed {seed}): {b.iters} iterations, batch {b.batch}"
+                     + (f", resuming at {start}" if start else "") + f" -> {run}")
+            dataset = CocoDataset(self.train_dir / "annotations.json", self.train_dir / "images", with_masks=cfg.mask_head.enabled)
+            torch.manual_seed(seed)
+            if kind == "segmenter":
+                from segmenter.model import build_segmenter
+
+                model = build_segmenter(cfg, dataset.categories.num_classes)
+            else:
+                from detector.model import build_detector
+
+                model = build_detector(cfg, dataset.categories.num_classes)
+            options = TrainOptions(
+                out=run, iters=b.iters, batch=b.batch, device=self.device, resume=True,
+                checkpoint_every=b.checkpoint_every, seed=seed, progress=sys.stdout.isatty(),
+            )  # fmt: skip
+            result = train(model, dataset, options, cfg.train, kind=kind, config=cfg.to_dict(), categories=dataset.categories)
+            if result.iteration < b.iters or result.checkpoint is None:
+                raise RuntimeError(f"{run}: training stopped at iteration {result.iteration} of {b.iters}")
+            del model
+            self.stats["models_trained"] += 1
+            self._train_walls.append(time.perf_counter() - t0)
+        train_s, s_iter = _jsonl_train_stats(run / "metrics.jsonl", b.iters)
+        done = {"model": name, "kind": kind, "seed": seed, "iters": b.iters, "batch": b.batch,
+                "train_seconds": train_s, "seconds_per_iter": s_iter, "run": str(run)}  # fmt: skip
+        write_json(run / "done.json", done, indent=1)
+        prune_checkpoints(run)
+        self.log(f"  trained {name} (seed {seed}): {train_s:.0f} s training, median {s_iter:.3f} s/iter")
+        return done
+
+    def model(self, name: str, seed: int):
+        """(model optimised for inference, checkpoint meta), trained if needed, cached per seed."""
+        if name not in self._models:
+            from detector.checkpoint import load_detector
+            from detector.speed import optimize_for_inference
+            from segmenter.model import load_segmenter
+
+            self.ensure_trained(name, seed)
+            kind, _ = self.config(name)
+            load = load_segmenter if kind == "segmenter" else load_detector
+            model, meta = load(self.run_dir(name, seed), self.device)
+            self._models[name] = (optimize_for_inference(model), meta)
+        return self._models[name]
+
+    # ----------------------------------------------------------------- inference
+
+    def views(self, which: str):
+        from detector.infer import make_views
+
+        if which == "single":
+            return None  # the model's own test size
+        if which == "det_tta":
+            return make_views(self.budget.det_tta_scales, flip=True)
+        return make_views(self.budget.mask_tta_scales, flip=True)
+
+    def detections(self, name: str, seed: int, views: str, raw: bool):
+        """Detections of a model on the val set, cached per seed. raw: NMS off (for Soft-NMS)."""
+        from detector.infer import detect
+
+        key = (name, views, raw)
+        if key not in self._dets:
+            model, meta = self.model(name, seed)
+            v = self.views("det_tta" if views == "tta" else "single")
+            ctx = nms_off(model) if raw else contextlib.nullcontext()
+            with ctx:
+                self._dets[key] = detect(
+                    model, self.val_images, meta.categories, model_name=name, views=v, device=self.device,
+                    score_thresh=SCORE_THRESH, max_per_image=RAW_PER_VIEW if raw else MAX_PER_IMAGE,
+                )  # fmt: skip
+        return self._dets[key]
+
+    def evaluate_row(self, row: Row, seed: int):
+        """The row's results table (detections or instances) on the val set."""
+        from detector.infer import detect
+        from ensemble import fuse
+        from pipeline.tables import from_coco_results
+        from segmenter.infer import segment
+
+        a = row.args
+        if row.run == "own":
+            (name,) = row.models
+            model, meta = self.model(name, seed)
+            kind, _ = self.config(name)
+            return detect(model, self.val_images, meta.categories, model_name=name, device=self.device,
+                          score_thresh=SCORE_THRESH, max_per_image=MAX_PER_IMAGE, with_masks=kind == "segmenter")  # fmt: skip
+        if row.run == "detect":
+            raw = a["method"] == "soft-nms"
+            tables = [self.detections(d, seed, a["views"], raw) for d in a["detectors"]]
+            if a["method"] == "none":
+                (t,) = tables
+                return t
+            kw = {"rescore": True} if a["method"] == "soft-nms" else {}
+            return fuse(tables, method=a["method"], image_sizes=self.val_images.table, max_per_image=MAX_PER_IMAGE, **kw)
+        seg, meta = self.model(TWO_PASS_SEGMENTER, seed)
+        if row.run == "two_pass":
+            tables = [self.detections(d, seed, a["det_views"], False) for d in a["detectors"]]
+            boxes = fuse(tables, method="wbf", image_sizes=self.val_images.table, max_per_image=MAX_PER_IMAGE)
+            mask_views = self.views("mask_tta" if a["mask_views"] == "tta" else "single")
+        elif row.run == "gt_boxes":
+            gt = [{"image_id": x["image_id"], "category_id": x["category_id"], "bbox": x["bbox"], "score": 1.0}
+                  for x in self.val_index.raw["annotations"] if not x.get("iscrowd", 0)]  # fmt: skip
+            boxes = from_coco_results(gt, source="ground_truth")
+            mask_views = None
+        else:
+            raise ValueError(f"row {row.name}: unknown recipe {row.run!r}")
+        if mask_views is None:
+            from detector.infer import View
+
+            mask_views = [View(seg.config.input.test_size)]
+        instances, _ = segment(seg, meta.categories, self.val_images, boxes, mask_views, device=self.device)
+        return instances
+
+    # ----------------------------------------------------------------- rows
+
+    def row_key(self, row: Row, seed: int) -> str:
+        from pipeline.fileio import stable_hash
+
+        b = self.budget
+        return stable_hash({
+            "version": VERSION, "row": row.name, "run": row.run, "args": row.args,
+            "models": {m: self.model_key(m, seed) for m in row.models}, "val": self.data_key["val"],
+            "score_thresh": SCORE_THRESH, "max_per_image": MAX_PER_IMAGE, "raw_per_view": RAW_PER_VIEW,
+            "det_tta": b.det_tta_scales, "mask_tta": b.mask_tta_scales,
+        })  # fmt: skip
+
+    def row_path(self, row: Row, seed: int) -> Path:
+        return self.out / "rows" / row.name / f"seed{seed}.json"
+
+    def row_result(self, row: Row, seed: int) -> dict | None:
+        """The finished result of (row, seed) if it matches the current key."""
+        from pipeline.fileio import read_json
+
+        p = self.row_path(row, seed)
+        if not p.is_file():
+            return None
+        try:
+            r = read_json(p)
+        except ValueError:
+            return None
+        return r if r.get("key") == self.row_key(row, seed) else None
+
+    def compute_row(self, row: Row, seed: int) -> dict:
+        from pipeline.evaluate import evaluate
+        from pipeline.fileio import write_json
+
+        self.stats["models_reused"] += sum(self.model_done(m, seed) is not None for m in row.models)
+        trained = {m: self.ensure_trained(m, seed) for m in row.models}
+        t0 = time.perf_counter()
+        table = self.evaluate_row(row, seed)
+        iou_types = ("bbox", "segm") if "mask_counts" in table.column_names else ("bbox",)
+        metrics = evaluate(self.val_index.raw, table, iou_types=iou_types, per_category=False)
+        wall = time.perf_counter() - t0
+        result = {
+            "row": row.name, "seed": seed, "key": self.row_key(row, seed), "budget": self.budget.name,
+            "bbox": {k: metrics["bbox"][k] for k in STATS},
+            "segm": {k: metrics["segm"][k] for k in STATS} if "segm" in metrics else None,
+            "detections": table.num_rows, "eval_seconds": wall,
+            "train_seconds": sum(t["train_seconds"] for t in trained.values()),
+            "models": {m: {k: t[k] for k in ("train_seconds", "seconds_per_iter", "run")} for m, t in trained.items()},
+        }  # fmt: skip
+        write_json(self.row_path(row, seed), result, indent=1)
+        self._eval_walls.append(wall)
+        return result
+
+    # ----------------------------------------------------------------- ETA
+
+    def _eta(self, pending: list[tuple[Row, int]]) -> float | None:
+        """Seconds left: untrained models x mean training wall time + rows x mean evaluation time.
+        Means from this process, else from what DIR holds; None while nothing is measured."""
+        need = {(m, s) for r, s in pending for m in r.models if self.model_done(m, s) is None}
+        train_walls = self._train_walls or [d["train_seconds"] for d in self._done_records()]
+        eval_walls = self._eval_walls or [r["eval_seconds"] for r in self._row_records()]
+        if (need and not train_walls) or (pending and not eval_walls):
+            return None
+        t = statistics.mean(train_walls) * len(need) if need else 0.0
+        return t + (statistics.mean(eval_walls) * len(pending) if pending else 0.0)
+
+    def _done_records(self) -> list[dict]:
+        from pipeline.fileio import read_json
+
+        return [read_json(p) for p in (self.out / "models").glob("seed*/*/done.json")]
+
+    def _row_records(self) -> list[dict]:
+        from pipeline.fileio import read_json
+
+        return [read_json(p) for p in (self.out / "rows").glob("*/seed*.json")]
+
+    # ----------------------------------------------------------------- main loop
+
+    def run(self) -> dict:
+        self.prepare_data()
+        b = self.budget
+        self.log(f"ablation: budget {b.name} ({b.train_images} train / {b.val_images} val images of {b.image_size} px, "
+                 f"{b.iters} iterations at batch {b.batch}), {self.seeds} seed(s), {len(self.rows)} rows, device {self.device}, "
+                 f"base preset {BASE_PRESET} -> {self.out}")  # fmt: skip
+        tasks = [(r, s) for s in range(self.seeds) for r in self.rows]
+        finished = sum(self.row_result(r, s) is not None for r, s in tasks)
+        if finished:
+            self.log(f"{finished} of {len(tasks)} row/seed(s) already finished in {self.out}: skipping them")
+        t_start = time.perf_counter()
+        for k, (row, seed) in enumerate(tasks):
+            if self.row_result(row, seed) is not None:
+                self.stats["rows_skipped"] += 1
+                continue
+            if seed != self._seed:  # loaded models and detections belong to one seed
+                self._models.clear()
+                self._dets.clear()
+                self._seed = seed
+            result = self.compute_row(row, seed)
+            self.stats["rows_computed"] += 1
+            self.write_results()
+            pending = [(r, s) for r, s in tasks[k + 1 :] if self.row_result(r, s) is None]
+            segm = f"{result['segm']['AP'] * 100:.1f}" if result["segm"] else "—"
+            self.log(
+                f"[{k + 1}/{len(tasks)}] seed {seed} {row.name}: mask AP {segm} box AP {result['bbox']['AP'] * 100:.1f} "
+                f"(eval {fmt_s(result['eval_seconds'])}) elapsed {fmt_s(time.perf_counter() - t_start)} ETA {fmt_s(self._eta(pending))}"
+            )
+        self._models.clear()
+        self._dets.clear()
+        summary = self.write_results()
+        summary["stats"] = dict(self.stats)
+        st = self.stats
+        self.log(f"rows computed {st['rows_computed']}, skipped (already finished) {st['rows_skipped']}; "
+                 f"models trained {st['models_trained']}; total {fmt_s(time.perf_counter() - t_start)}")
+        return summary
+
+    # ----------------------------------------------------------------- results
+
+    def aggregate(self) -> list[dict]:
+        """One entry per row with at least one finished seed (current keys): means, spreads, deltas."""
+        out = []
+        results = {r.name: {s: self.row_result(r, s) for s in range(self.seeds)} for r in ROWS}
+        for row in ROWS:
+            per_seed = {s: v for s, v in results[row.name].items() if v is not None}
+            if not per_seed:
+                continue
+            entry: dict[str, Any] = {
+                "row": row.name, "group": row.group, "label": row.label, "ref": row.ref, "slides": row.slides,
+                "models": list(row.models), "seeds": sorted(per_seed),
+            }  # fmt: skip
+            for t in ("segm", "bbox"):
+                vals = [v[t]["AP"] * 100 for v in per_seed.values() if v.get(t)]
+                entry[t] = _spread(vals)
+                entry[t]["per_seed"] = {s: v[t]["AP"] * 100 for s, v in per_seed.items() if v.get(t)}
+                if row.ref is not None:
+                    ref = results[row.ref]
+                    deltas = [v[t]["AP"] * 100 - ref[s][t]["AP"] * 100 for s, v in per_seed.items()
+                              if v.get(t) and ref.get(s) and ref[s].get(t)]  # fmt: skip
+                    entry[f"delta_{t}"] = _spread(deltas)
+            entry["train_seconds"] = statistics.mean(v["train_seconds"] for v in per_seed.values())
+            entry["eval_seconds"] = statistics.mean(v["eval_seconds"] for v in per_seed.values())
+            out.append(entry)
+        return out
+
+    def write_results(self) -> dict:
+        from pipeline.fileio import atomic_path, write_json
+
+        rows = self.aggregate()
+        by = {r["row"]: r for r in rows}
+
+        def delta(name: str, t: str) -> float:
+            d = by.get(name, {}).get(f"delta_{t}")
+            return d["mean"] if d and d["n"] else float("nan")
+
+        def diff(a: str, b_: str, t: str) -> float:  # mean paired difference of two rows
+            ra, rb = by.get(a), by.get(b_)
+            if not ra or not rb:
+                return float("nan")
+            common = set(ra[t]["per_seed"]) & set(rb[t]["per_seed"])
+            vals = [ra[t]["per_seed"][s] - rb[t]["per_seed"][s] for s in common]
+            return statistics.mean(vals) if vals else float("nan")
+
+        headline = {
+            "full_header_mask_ap_gain": delta("lsh", "segm"),
+            "full_header_box_ap_gain": delta("lsh", "bbox"),
+            "two_pass_mask_ap_gain": diff("tp_mask_tta", "tp_alone", "segm"),
+            "improve_on_dets_mask_ap_gain": delta("tp_fused3", "segm"),
+            "det_ensemble_box_ap_gain": diff("det_ens_wbf", "det_single", "bbox"),
+        }
+        b = self.budget
+        summary = {
+            "budget": asdict(b), "seeds": self.seeds, "device": self.device, "base_preset": BASE_PRESET,
+            "shufflenet_preset": SHUFFLE_PRESET, "two_pass_segmenter": TWO_PASS_SEGMENTER,
+            "score_thresh": SCORE_THRESH, "max_per_image": MAX_PER_IMAGE, "raw_per_view": RAW_PER_VIEW,
+            "data": {"train": str(self.train_dir), "val": str(self.val_dir)},
+            "headline": headline, "rows": rows,
+        }  # fmt: skip
+        write_json(self.out / "results.json", summary, indent=1)
+        with atomic_path(self.out / "results.md") as tmp:
+            tmp.write_text(render_markdown(summary))
+        return summary
+
+
+def _spread(vals: list[float]) -> dict:
+    if not vals:
+        return {"n": 0, "mean": float("nan"), "std": float("nan"), "min": float("nan"), "max": float("nan")}
+    return {
+        "n": len(vals), "mean": statistics.mean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "min": min(vals), "max": max(vals),
+    }  # fmt: skip
+
+
+def _cell(s: dict | None, signed: bool = False) -> str:
+    if not s or not s["n"]:
+        return "—"
+    f = "{:+.1f}" if signed else "{:.1f}"
+    txt = f.format(s["mean"])
+    if s["n"] > 1:
+        txt += f" ± {s['std']:.1f} [{f.format(s['min'])}, {f.format(s['max'])}]"
+    return txt
+
+
+GROUP_TITLES = {
+    "header": "Location Sensitive Header and backbone (segmenters trained end to end, own boxes)",
+    "two_pass": "Two-pass pipeline (masks of the full-header segmenter)",
+    "detection": "Detection only (box AP)",
+}
+
+
+def render_markdown(summary: dict) -> str:
+    b = summary["budget"]
+    lines = [
+        "# Ablation results",
+        "",
+        f"Budget `{b['name']}`: {b['train_images']} train / {b['val_images']} val synthetic images of {b['image_size']} px "
+        f"(`pipeline.synth`, seeds 0 / 1), {b['iters']} iterations at batch {b['batch']} for every model, "
+        f"{summary['seeds']} seed(s), device {summary['device']}. Base preset `{summary['base_preset']}` "
+        f"(ShuffleNetV2 rows: backbone of `{summary['shufflenet_preset']}`). AP in points (0-100); "
+        "cells are mean ± std [min, max] over seeds; Δ is paired per seed against the row named in `vs`.",
+        "",
+    ]
+    for group, title in GROUP_TITLES.items():
+        rows = [r for r in summary["rows"] if r["group"] == group]
+        if not rows:
+            continue
+        lines += [f"## {title}", "", "| row | vs | mask AP | Δ mask | box AP | Δ box | slides (mask / box) | train s | eval s | seeds |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for r in rows:
+            lines.append(
+                f"| {r['label']} (`{r['row']}`) | {r['ref'] or '—'} | {_cell(r['segm'])} | {_cell(r.get('delta_segm'), True)} | "
+                f"{_cell(r['bbox'])} | {_cell(r.get('delta_bbox'), True)} | {r['slides'] or '—'} | {r['train_seconds']:.0f} | "
+                f"{r['eval_seconds']:.0f} | {len(r['seeds'])} |"
+            )
+        lines.append("")
+    lines += [
+        "`train s`: training seconds of every model the row uses (shared models counted in each row that uses them), "
+        "mean over seeds. `eval s`: inference + fusion + COCO evaluation of the row (detections shared within a "
+        "seed are computed by the first row that needs them).",
+        "",
+        "Headline: " + " ".join(f"{k}={v:.2f}" for k, v in summary["headline"].items()),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="smoke")
+    ap.add_argument("--seeds", type=int, default=None, help="training seeds 0..N-1 (default: the budget's)")
+    ap.add_argument("--out", type=Path, default=None, help="run folder (default runs/ablation-<budget>)")
+    ap.add_argument("--rows", default=None, help="comma-separated glob patterns of row names (default: all)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: the budget's)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--list", action="store_true", help="list the rows and models, then exit")
+    args = ap.parse_args(argv)
+
+    budget = BUDGETS[args.budget]
+    if args.list:
+        for r in ROWS:
+            print(f"{r.name:<18} {r.group:<10} vs {r.ref or '-':<14} models {', '.join(r.models)}")
+        return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    seeds = budget.seeds if args.seeds is None else args.seeds
+    if seeds < 1:
+        raise SystemExit("--seeds must be at least 1")
+    out = args.out or Path("runs") / f"ablation-{budget.name}"
+    device = args.device or budget.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: no CUDA device here (budget {budget.name} defaults to cuda; pass --device cpu)")
+    abl = Ablation(out, budget, seeds, select_rows(args.rows), device=device)
+    summary = abl.run()
+    print(f"results: {out / 'results.md'}, {out / 'results.json'}")
+    h = summary["headline"]
+    print(" ".join(f"{k}={v:.2f}" for k, v in h.items()) + f" rows={len(summary['rows'])} seeds={seeds}")
+
+
+if __name__ == "__main__":
+    main()
