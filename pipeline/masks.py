@@ -80,6 +80,14 @@ def paste_and_encode(
     of the whole image, thresholded as `prob > thresh`."""
     probs, boxes = probs.detach().float().cpu(), boxes.detach().float().cpu()
     out = []
-    for y0, x0, region in paste_regions(probs, boxes, image_size):
-        out.append(rle_from_region((region > thresh).numpy(), y0, x0, image_size))
+    # One small op per mask: a parallel region each costs more than it saves, and on a busy
+    # machine every region waits for the other cores (measured, 100 masks at 800x1216 with
+    # another process on the second core: 0.04 s on one thread, 0.6 s on two).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for y0, x0, region in paste_regions(probs, boxes, image_size):
+            out.append(rle_from_region((region > thresh).numpy(), y0, x0, image_size))
+    finally:
+        torch.set_num_threads(threads)
     return out
