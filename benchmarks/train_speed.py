@@ -8,10 +8,11 @@ upsample them about 6x and make the reference several times slower still).
 
 1. Seconds an iteration (batch 4): the two sides alternate, round after round (one reference
    iteration, then `--ours-per-round` of ours); median and minimum of each.
-2. Accuracy in the same wall-clock budget: each side trains with this project's engine (same
-   data order, flips, SGD recipe, LR scaled to the batch, step decay at 70 % and 90 % of the
-   iterations its measured speed allows) for `--budget-s` seconds of training, then the val
-   mask AP (and box AP) of each on a separate synthetic set.
+2. Accuracy in the same wall-clock budget: each side trains with this project's engine and the
+   preset's recipe (same data order, flips and multi-scale sizes are the model's own; optimizer,
+   LR scaled to the batch, clipping, step decay at the preset's fractions of the iterations its
+   measured speed allows, warm-up at most a tenth of them) for `--budget-s` seconds of
+   training, then the val mask AP (and box AP) of each on a separate synthetic set.
 
     python benchmarks/train_speed.py [--budget-s 600] [--preset r18_lsd_cpu] [--rounds 5]
 
@@ -40,7 +41,7 @@ import torch  # noqa: E402
 from detector.config import load_config  # noqa: E402
 from detector.data import IterationBatches  # noqa: E402
 from detector.model import build_detector  # noqa: E402
-from detector.train import TrainOptions, train  # noqa: E402
+from detector.train import TrainOptions, effective_lr, make_optimizer, param_groups, train  # noqa: E402
 from pipeline.coco import CocoDataset, CocoIndex  # noqa: E402
 from pipeline.evaluate import evaluate  # noqa: E402
 from pipeline.synth import generate  # noqa: E402
@@ -67,11 +68,14 @@ def step(model, optimizer, images, targets, clip: float | None) -> float:
     return time.perf_counter() - t
 
 
-def measure_speed(ref, ours, dataset, rounds: int, ours_per_round: int, clip) -> tuple[list[float], list[float]]:
-    """Alternate: one reference iteration, then `ours_per_round` of ours; after one warm-up each."""
+def measure_speed(ref, ours, dataset, rounds: int, ours_per_round: int, tcfg) -> tuple[list[float], list[float]]:
+    """Alternate: one reference iteration, then `ours_per_round` of ours; after one warm-up each.
+    Both sides use the preset's optimizer and gradient clipping."""
     batches = IterationBatches(dataset, 4, 0, 10**6, seed=123, hflip_prob=0.5)
-    opt_ref = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-    opt_ours = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    lr = effective_lr(None, tcfg, 4)
+    opt_ref = make_optimizer(param_groups(ref, tcfg.weight_decay), lr, tcfg)
+    opt_ours = make_optimizer(param_groups(ours, tcfg.weight_decay), lr, tcfg)
+    clip = tcfg.clip_grad_norm
     ref.train()
     ours.train()
     t_ref, t_ours = [], []
@@ -150,7 +154,7 @@ def main() -> None:
     ref = torchvision_reference(cats.num_classes)
     ours = build_detector(cfg, cats.num_classes)
     print(f"speed: batch 4, torchvision Mask R-CNN r18-FPN default heads vs {cfg.name}")
-    t_ref, t_ours = measure_speed(ref, ours, dataset, args.rounds, args.ours_per_round, cfg.train.clip_grad_norm)
+    t_ref, t_ours = measure_speed(ref, ours, dataset, args.rounds, args.ours_per_round, cfg.train)
     ref_med, ours_med = statistics.median(t_ref), statistics.median(t_ours)
     speedup = ref_med / ours_med
     print(f"torchvision: median {ref_med:.3f} s/iter, min {min(t_ref):.3f}   ({len(t_ref)} iterations)")
@@ -164,7 +168,7 @@ def main() -> None:
             torch.manual_seed(0)
             model = torchvision_reference(cats.num_classes) if name == "torchvision" else build_detector(cfg, cats.num_classes)
             iters = max(int(args.budget_s / sec * 1.1), 10)
-            tcfg = cfg.train.model_copy(update={"warmup_iters": min(cfg.train.warmup_iters, iters // 10), "steps": [0.7, 0.9]})
+            tcfg = cfg.train.model_copy(update={"warmup_iters": min(cfg.train.warmup_iters, iters // 10)})
             opts = TrainOptions(out=work / f"run_{name}", iters=iters, batch=4, progress=False, checkpoint_every=10**9,
                                 time_budget_s=args.budget_s, seed=0)
             t0 = time.perf_counter()

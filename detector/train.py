@@ -94,6 +94,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(groups: list[dict], lr: float, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(cfg.momentum, 0.999))
+    return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -226,7 +232,7 @@ def train(
         model = convert_sync_batchnorm(model)
     groups = param_groups(model, cfg.weight_decay)
     peak = effective_lr(options.lr, cfg, options.batch * di.world)
-    optimizer = torch.optim.SGD(groups, lr=peak, momentum=cfg.momentum)
+    optimizer = make_optimizer(groups, peak, cfg)
 
     start = 0
     if options.resume:

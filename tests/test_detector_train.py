@@ -121,6 +121,17 @@ def test_resume_equals_uninterrupted(dataset, tmp_path):
         _run(cfg, dataset, tmp_path / "b", resume=True)
 
 
+def test_resume_with_adamw_equals_uninterrupted(dataset, tmp_path):
+    cfg = tiny_config()
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"optimizer": "adamw", "base_lr": 0.002})})
+    a = _run(cfg, dataset, tmp_path / "a", iters=4)
+    _run(cfg, dataset, tmp_path / "b", iters=4, stop_at=3)
+    _run(cfg, dataset, tmp_path / "b", iters=4, resume=True)
+    wa = load_file(str(tmp_path / "a/checkpoints/iter_0000004.safetensors"))
+    wb = load_file(str(tmp_path / "b/checkpoints/iter_0000004.safetensors"))
+    assert a.iteration == 4 and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_lr_schedule_scales_warms_and_decays():
     cfg = TrainConfig(base_lr=0.02, base_batch=16, warmup_iters=10, warmup_factor=0.001, steps=[0.5, 0.75], gamma=0.1)
     peak = effective_lr(None, cfg, total_batch=4)
