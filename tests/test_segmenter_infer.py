@@ -92,3 +92,19 @@ def test_zero_boxes_give_empty_valid_output(model, synth_small):
     out, report = segment(model, Categories.from_coco(index.raw["categories"]), index.image_set(synth_small / "images"),
                           detections_table([], [], [], np.zeros((0, 4)), "x"), [View(SIZE)])
     assert out.num_rows == 0 and "mask_counts" in out.column_names and report.written == 0
+
+
+def test_image_whose_size_differs_from_the_annotation_is_named(model, synth_small, tmp_path):
+    import shutil
+
+    from PIL import Image
+
+    from pipeline.coco import DataError
+
+    shutil.copytree(synth_small / "images", tmp_path / "images")
+    Image.new("RGB", (100, 90)).save(tmp_path / "images" / "000002.png")
+    index = CocoIndex.load(synth_small / "annotations.json")
+    images = index.image_set(tmp_path / "images")
+    det = detections_table([2], [1], [0.5], np.array([[2, 2, 20, 20]], np.float32), "x")
+    with pytest.raises(DataError, match=r"image_id 2: image file is 90x100 \(HxW\), annotations say 128x128"):
+        segment(model, index.categories, images, det, [View(SIZE)])
