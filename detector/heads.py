@@ -7,6 +7,7 @@ list[Tensor[R_i, 4]] XYXY in input-batch pixels (after the model's resize). A bo
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -14,6 +15,66 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import ps_roi_align, roi_align
 from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format
+
+
+def _roi_align_matrix(rois: Tensor, scale: float, out: int, ratio: int, n: int, h: int, w: int) -> Tensor:
+    """torchvision's RoIAlign (aligned=False, sampling_ratio > 0) as a sparse CSR matrix
+    [R * out * out, n * h * w]: row (r, py, px) holds the bilinear weights, divided by the
+    ratio * ratio samples of the bin, of the 4 pixels around each sample (the same sample
+    positions, clamping and out-of-range rule as torchvision's CPU kernel)."""
+    dev, dt = rois.device, rois.dtype
+    num = rois.shape[0]
+    x1, y1, x2, y2 = (rois[:, 1:] * scale).unbind(1)
+    bin_w = (x2 - x1).clamp(min=1.0) / out
+    bin_h = (y2 - y1).clamp(min=1.0) / out
+    grid = torch.arange(out, device=dev, dtype=dt)[None, :, None]
+    sub = ((torch.arange(ratio, device=dev, dtype=dt) + 0.5) / ratio)[None, None, :]
+    ys = y1[:, None, None] + (grid + sub) * bin_h[:, None, None]  # [R, out, ratio]
+    xs = x1[:, None, None] + (grid + sub) * bin_w[:, None, None]
+
+    def neighbours(c: Tensor, size: int):
+        valid = (c >= -1.0) & (c <= size)
+        c = c.clamp(min=0)
+        lo = c.floor().long()
+        top = lo >= size - 1
+        lo = torch.where(top, torch.full_like(lo, size - 1), lo)
+        hi = torch.where(top, lo, lo + 1)
+        frac = torch.where(top, torch.zeros_like(c), c - lo.to(dt))
+        return lo, hi, 1 - frac, frac, valid
+
+    ylo, yhi, wy0, wy1, vy = neighbours(ys, h)
+    xlo, xhi, wx0, wx1, vx = neighbours(xs, w)
+
+    def Y(t: Tensor) -> Tensor:  # [R, py, 1, iy, 1]
+        return t[:, :, None, :, None]
+
+    def X(t: Tensor) -> Tensor:  # [R, 1, px, 1, ix]
+        return t[:, None, :, None, :]
+
+    base = (rois[:, 0].long() * (h * w))[:, None, None, None, None]
+    keep = (Y(vy) & X(vx)).to(dt) / (ratio * ratio)
+    cols = torch.stack(
+        [base + Y(ylo) * w + X(xlo), base + Y(ylo) * w + X(xhi), base + Y(yhi) * w + X(xlo), base + Y(yhi) * w + X(xhi)], -1
+    )
+    vals = torch.stack([Y(wy0) * X(wx0), Y(wy0) * X(wx1), Y(wy1) * X(wx0), Y(wy1) * X(wx1)], -1) * keep[..., None]
+    per_row = ratio * ratio * 4
+    rows = num * out * out
+    crow = torch.arange(0, rows + 1, device=dev, dtype=torch.int64) * per_row
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, cols.reshape(-1), vals.reshape(-1), size=(rows, n * h * w))
+
+
+def roi_align_channels_last(feature: Tensor, rois: Tensor, output_size: int, scale: float, sampling_ratio: int) -> Tensor:
+    """torchvision.ops.roi_align (aligned=False) for a channels-last CPU map, as one sparse
+    matrix product: the map viewed as [N * H * W, C] needs no copy, and the product runs on
+    every thread. Measured, 250 RoIs on a 256 x 200 x 304 map, 2 threads: about 20 ms against
+    120 ms (torchvision, NCHW) or 270 ms (torchvision, channels-last). Inference only.
+    Returns [R, C, p, p] (a channels-last view)."""
+    n, c, h, w = feature.shape
+    flat = feature.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    m = _roi_align_matrix(rois.to(feature.dtype), scale, output_size, sampling_ratio, n, h, w)
+    return (m @ flat).reshape(-1, output_size, output_size, c).permute(0, 3, 1, 2)
 
 
 class LevelPooler(nn.Module):
@@ -33,8 +94,20 @@ class LevelPooler(nn.Module):
         self.sampling_ratio = sampling_ratio
         self.op = op
         self.mapper = LevelMapper(self.levels[0], self.levels[-1], canonical_scale=224, canonical_level=4)
+        # Set by detector.speed.optimize_for_inference: RoIAlign as a sparse product on
+        # channels-last CPU maps without gradients (see roi_align_channels_last).
+        self.sparse_cpu = False
 
     def _pool(self, feature: Tensor, rois: Tensor, scale: float) -> Tensor:
+        if (
+            self.sparse_cpu
+            and self.op is roi_align
+            and self.sampling_ratio > 0
+            and feature.device.type == "cpu"
+            and not (torch.is_grad_enabled() and feature.requires_grad)
+            and feature.is_contiguous(memory_format=torch.channels_last)
+        ):
+            return roi_align_channels_last(feature, rois, self.output_size[0], scale, self.sampling_ratio)
         return self.op(feature, rois, self.output_size, scale, self.sampling_ratio)
 
     def forward(self, feats: list[Tensor], boxes: list[Tensor]) -> Tensor:

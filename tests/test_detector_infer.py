@@ -181,3 +181,22 @@ def test_fold_counts_every_resnet_batchnorm():
 
     net = freeze_batchnorm(torchvision.models.resnet50(weights=None))
     assert fold_batchnorm(net) == 53  # stem + 16 blocks x 3 + 4 downsample
+
+
+@pytest.mark.parametrize("ratio,out", [(2, 7), (1, 14), (3, 5)])
+def test_sparse_roi_align_equals_torchvision(ratio, out):
+    from torchvision.ops import roi_align
+
+    from detector.heads import roi_align_channels_last
+
+    g = torch.Generator().manual_seed(ratio)
+    x = torch.randn(2, 8, 23, 37, generator=g)
+    xy = torch.rand(40, 2, generator=g) * torch.tensor([180.0, 110.0]) - 20  # some start outside
+    wh = torch.rand(40, 2, generator=g) * 90
+    wh[:5] = 0.3  # boxes smaller than a feature pixel
+    boxes = torch.cat([xy, xy + wh], 1)
+    rois = torch.cat([torch.randint(0, 2, (40, 1), generator=g).float(), boxes], 1)
+    ref = roi_align(x, rois, out, 0.2, ratio)
+    got = roi_align_channels_last(x.contiguous(memory_format=torch.channels_last), rois, out, 0.2, ratio)
+    assert got.shape == ref.shape
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-5)  # float rounding only
