@@ -159,3 +159,13 @@ def test_config_errors_name_the_field(tmp_path):
     p.write_text("name: x\nmask_head: {enabled: false}\n")
     with pytest.raises(ValueError, match="mask_head.enabled must be true"):
         load_segmenter_config(p)
+
+
+def test_segmenter_configs_load():
+    from detector.config import CONFIG_DIR
+
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*_seg.yaml"))
+    assert {"r50_seg", "r50_lsh_seg", "shufflev2_gap_lsh_seg", "r18_cpu_seg", "r18_lsh_cpu_seg"} <= set(names)
+    for n in names:
+        cfg = load_segmenter_config(n)
+        assert cfg.name == n and cfg.mask_head.enabled
