@@ -276,34 +276,39 @@ def evaluate_flow(
     artifact, a markdown artifact with overlay pictures, and RUN/report.md with RUN/pictures/.
     Returns {"metrics": path or None, "report": path, "table": rows}."""
     config, run_dir = _prepare(config, run_dir)
-    T = tasks.bound(run_dir)
     with run_log(run_dir):
-        log = get_run_logger()
-        metrics_path, rows = None, []
-        if config.data.ann is not None and config.evaluation.enabled:
-            metrics_path = T.evaluate.submit(run_dir=run_dir, data=config.data, fusion=config.fusion, detectors=detections,
-                                             fused=fused, instances=instances).result()  # fmt: skip
-            rows = stages.ap_table(stages.read_json(metrics_path))
-        outputs = {f"detections of {k}": v for k, v in detections.items()}
-        if fused:
-            outputs["fused boxes"] = fused
-        if instances:
-            outputs["instances"] = instances
-        if metrics_path:
-            outputs["metrics"] = metrics_path
-        pictures = report.render_pictures(run_dir, config, fused, instances)
-        path = report.write_report(run_dir, report.build_report(run_dir, config, metrics_path, outputs, pictures, ran))
-        key = safe_name(config.name).lower().replace("_", "-").replace(".", "-")
-        if rows:
-            create_table_artifact(key=f"{key}-ap-per-stage", table=rows, description=f"AP per stage, {config.name} ({run_dir})")
-            log.info("AP per stage:\n" + stages.format_ap_table(rows))
-        create_markdown_artifact(
-            key=f"{key}-report",
-            markdown=report.build_report(run_dir, config, metrics_path, outputs, pictures, ran, inline_pictures=True),
-            description=f"twopass report, {config.name} ({run_dir})",
-        )
-        log.info(f"report: {path}")
-        return {"metrics": metrics_path, "report": str(path), "table": rows}
+        return _evaluate_and_report(tasks.bound(run_dir), config, run_dir, detections, fused, instances, ran)
+
+
+def _evaluate_and_report(T, config: PipelineConfig, run_dir: str, detections: dict[str, str], fused: str | None,
+                         instances: str | None, ran: dict[str, int] | None) -> dict[str, Any]:  # fmt: skip
+    """evaluate_flow's body (two_pass_flow runs it inline: a subflow costs about a second)."""
+    log = get_run_logger()
+    metrics_path, rows = None, []
+    if config.data.ann is not None and config.evaluation.enabled:
+        metrics_path = T.evaluate.submit(run_dir=run_dir, data=config.data, fusion=config.fusion, detectors=detections,
+                                         fused=fused, instances=instances).result()  # fmt: skip
+        rows = stages.ap_table(stages.read_json(metrics_path))
+    outputs = {f"detections of {k}": v for k, v in detections.items()}
+    if fused:
+        outputs["fused boxes"] = fused
+    if instances:
+        outputs["instances"] = instances
+    if metrics_path:
+        outputs["metrics"] = metrics_path
+    pictures = report.render_pictures(run_dir, config, fused, instances)
+    path = report.write_report(run_dir, report.build_report(run_dir, config, metrics_path, outputs, pictures, ran))
+    key = safe_name(config.name).lower().replace("_", "-").replace(".", "-")
+    if rows:
+        create_table_artifact(key=f"{key}-ap-per-stage", table=rows, description=f"AP per stage, {config.name} ({run_dir})")
+        log.info("AP per stage:\n" + stages.format_ap_table(rows))
+    create_markdown_artifact(
+        key=f"{key}-report",
+        markdown=report.build_report(run_dir, config, metrics_path, outputs, pictures, ran, inline_pictures=True),
+        description=f"twopass report, {config.name} ({run_dir})",
+    )
+    log.info(f"report: {path}")
+    return {"metrics": metrics_path, "report": str(path), "table": rows}
 
 
 @flow(name="two-pass", task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -355,7 +360,7 @@ def two_pass_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, 
         }
         ran = _ran_since(run_dir, t0)
         log.info(f"computed this run: {ran or 'nothing (all reused)'}")
-        ev = evaluate_flow(config, merged_det, fused, instances, run_dir=run_dir, ran=ran)
+        ev = _evaluate_and_report(T, config, run_dir, merged_det, fused, instances, ran)
         return {
             "run_dir": run_dir,
             "detections": merged_det,

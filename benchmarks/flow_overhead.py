@@ -1,0 +1,138 @@
+"""What Prefect costs: two_pass_flow on the embedded server versus the same stage functions
+called directly (`flows.plain.two_pass_plain`), on the same small data and models.
+
+Synthetic 128 px images, the demo's two detectors (2 scales x flip each) and segmenter with
+random weights (no training: the work per shard is what matters here). Each variant runs in
+a fresh run folder, so everything is computed; they alternate, and the best of --repeats
+counts. The embedded server's start is timed on its own (`get_client()` starts it).
+
+    python benchmarks/flow_overhead.py [--images 32] [--shard-size 8] [--repeats 3]
+
+Last line: overhead_fraction=<(flow + server start - plain - server start) / plain>, i.e. the
+flows' own cost beyond the one-time server start, as a fraction of the plain run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=32)
+    ap.add_argument("--shard-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--keep", type=Path, default=None, help="Work in this folder and keep it (default: a temp folder).")
+    args = ap.parse_args()
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="flow_overhead_"))
+    work.mkdir(parents=True, exist_ok=True)
+    from flows.env import configure
+
+    configure(work)  # Prefect's home in the work folder (a new database), passive OpenMP waits
+
+    from flows.demo import SEGMENTER, SHUFFLE_LSD, R18_FPN, demo_config
+    from pipeline.coco import CocoIndex
+    from pipeline.synth import generate
+
+    # The demo's config on random-weight checkpoints.
+    data = work / "data"
+    if not (data / "val" / "annotations.json").is_file():
+        generate(data / "val", args.images, 128, seed=1)
+    categories = CocoIndex.load(data / "val" / "annotations.json").categories
+    ckpts = {}
+    for name, kind, model in (("r18_fpn", "detector", R18_FPN), ("shufflev2_lsd", "detector", SHUFFLE_LSD), ("r18_seg", "segmenter", SEGMENTER)):
+        ckpts[name] = str(_random_checkpoint(work / "models" / name, kind, model, categories))
+    base = demo_config(data, shard_size=args.shard_size)
+    cfg = base.model_copy(update={
+        "data": base.data.model_copy(update={"train_ann": None, "train_images": None}),
+        "detectors": [d.model_copy(update={"checkpoint": ckpts[d.name]}) for d in base.detectors],
+        "segmenter": base.segmenter.model_copy(update={"checkpoint": ckpts["r18_seg"]}),
+    })  # fmt: skip
+
+    from flows import models, stages
+    from flows.plain import two_pass_plain
+
+    n_shards = len(stages.shards(cfg.data))
+    n_tasks = n_shards * (len(cfg.detectors) + 2)  # detect per detector, fuse, segment
+    print(f"{args.images} images of 128 px in {n_shards} shards of {args.shard_size}: {n_tasks} shard tasks, "
+          f"{len(cfg.detectors) + 2} merges, 1 evaluation; {len(cfg.detectors)} detectors x 4 views, segmenter x 2 views")  # fmt: skip
+    print(f"torch threads: {_torch_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+
+    # Warm-up (imports, first-call costs of torch and the models), not timed.
+    two_pass_plain(cfg, work / "warmup")
+
+    t = time.perf_counter()
+    import prefect  # noqa: F401
+    from prefect.client.orchestration import get_client
+
+    import_s = time.perf_counter() - t
+    t = time.perf_counter()
+    with get_client(sync_client=True) as client:  # starts the embedded server
+        client.api_healthcheck()
+    server_s = time.perf_counter() - t
+    print(f"prefect import: {import_s:.1f} s; embedded server start: {server_s:.1f} s")
+
+    from flows.prefect_flows import two_pass_flow
+
+    plain_times, flow_times = [], []
+    for r in range(args.repeats):
+        models.clear_cache()
+        t = time.perf_counter()
+        two_pass_plain(cfg, work / f"plain{r}")
+        plain_times.append(time.perf_counter() - t)
+        models.clear_cache()
+        t = time.perf_counter()
+        two_pass_flow(cfg, str(work / f"flow{r}"))
+        flow_times.append(time.perf_counter() - t)
+        print(f"round {r + 1}: plain {plain_times[-1]:.2f} s, flow {flow_times[-1]:.2f} s")
+        assert stages.stage_counts(stages.read_ledger(work / f"flow{r}")) == stages.stage_counts(stages.read_ledger(work / f"plain{r}"))
+
+    plain, flow = min(plain_times), min(flow_times)
+    total_flow = flow + server_s
+    overhead = total_flow - plain - server_s
+    print(f"plain functions:            {plain:8.2f} s")
+    print(f"two_pass_flow (embedded):   {total_flow:8.2f} s  (server start {server_s:.2f} s + flow {flow:.2f} s)")
+    print(f"flow overhead beyond start: {overhead:8.2f} s  ({overhead / n_tasks * 1000:.0f} ms per shard task, "
+          f"{overhead / n_shards * 1000:.0f} ms per shard)")  # fmt: skip
+    if args.keep is None:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"overhead_fraction={overhead / plain:.4f}")
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _random_checkpoint(folder: Path, kind: str, model: dict, categories) -> Path:
+    import torch
+
+    from detector.checkpoint import save_checkpoint
+
+    last = folder / "checkpoints" / "iter_0000000.json"
+    if last.is_file():
+        return last
+    if kind == "detector":
+        from detector.config import config_from_dict
+        from detector.model import build_detector as build
+    else:
+        from segmenter.config import segmenter_config_from_dict as config_from_dict
+        from segmenter.model import build_segmenter as build
+    cfg = config_from_dict(model)
+    torch.manual_seed(0)
+    return save_checkpoint(folder, build(cfg, categories.num_classes), kind=kind, config=cfg.to_dict(), categories=categories, iteration=0)
+
+
+if __name__ == "__main__":
+    main()
