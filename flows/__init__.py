@@ -14,7 +14,9 @@ the run folder unless the user has set it; see `flows.env.configure`.
 
 Modules: `stages` (plain functions: keys, ledger, detect/fuse/segment/merge/train/evaluate),
 `models` (loading and training models), `report` (report.md, pictures), `tasks` (Prefect
-tasks), `prefect_flows` (Prefect flows), `cli` (`twopass demo`, `twopass flow ...`).
+tasks), `prefect_flows` (the Prefect flows; `prefect.yaml` deploys them), `plain` (the same
+pipeline as a plain loop, no Prefect), `demo` (the demo's config), `cli` (`twopass demo`,
+`twopass flow ...`), `env` (the settings above).
 """
 
 from __future__ import annotations

@@ -33,11 +33,12 @@ def render_pictures(run_dir: str | Path, config: PipelineConfig, fused: str | No
     gt = _coco_index(Path(config.data.ann)) if config.data.ann else None
     panels: list[tuple[str, Any]] = []
     categories = gt.categories if gt else None
+    top = config.evaluation.overlay_top
     for title, path in (("fused boxes", fused), ("final masks", instances)):
         if path:
             table, meta = read_results(path)
             categories = categories or meta.categories
-            panels.append((title, table))
+            panels.append((f"{title} (best {top})", best_per_image(table, top)))
     if categories is None or (not panels and gt is None):
         return []
     out_dir = Path(run_dir) / "pictures"
@@ -51,6 +52,20 @@ def render_pictures(run_dir: str | Path, config: PipelineConfig, fused: str | No
             picture.save(tmp, format="PNG")
         written.append(path)
     return written
+
+
+def best_per_image(table, k: int):
+    """The k best-scoring rows of each image."""
+    import numpy as np
+    import pyarrow as pa
+
+    if table.num_rows == 0:
+        return table
+    ids = table.column("image_id").to_numpy()
+    order = np.lexsort((-table.column("score").to_numpy(), ids))
+    first = np.searchsorted(ids[order], ids[order], side="left")
+    keep = order[np.arange(len(order)) - first < k]
+    return table.take(pa.array(np.sort(keep)))
 
 
 def _thumbnail(path: Path, width: int = 720) -> str:
@@ -114,7 +129,9 @@ def build_report(
         why = "the data has no annotations (`data.ann`)" if config.data.ann is None else "`evaluation.enabled` is false"
         lines += ["## AP per stage", "", f"Not evaluated: {why}.", ""]
     if pictures:
-        lines += ["## Pictures", "", f"Ground truth, fused boxes and final masks (score >= {config.evaluation.score_thresh}).", ""]
+        e = config.evaluation
+        lines += ["## Pictures", "", f"Ground truth, then the fused boxes and the final masks: the {e.overlay_top} best of each image "
+                  f"scoring at least {e.score_thresh}.", ""]  # fmt: skip
         for p in pictures:
             src = _thumbnail(p) if inline_pictures else p.relative_to(run_dir).as_posix()
             lines += [f"![image {p.stem}]({src})", ""]

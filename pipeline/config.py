@@ -155,6 +155,7 @@ class EvaluationConfig(_Strict):
     enabled: bool = Field(True, description="Evaluate when the data has annotations.")
     overlays: int = Field(4, ge=0, description="Images drawn in the report.")
     score_thresh: float = Field(0.3, ge=0, le=1, description="Hide results below this score in the pictures.")
+    overlay_top: int = Field(20, ge=1, description="At most this many results an image in the pictures (the best scoring).")
 
 
 class PipelineConfig(_Strict):

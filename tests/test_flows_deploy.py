@@ -112,3 +112,21 @@ def test_segment_flow_runs_by_deployment(synth_small, tmp_path):
     finally:
         for p in reversed(started):
             _stop(p)
+
+
+@pytest.mark.slow
+def test_demo_command_end_to_end_on_a_tiny_budget(tmp_path):
+    """`twopass demo` as the README runs it, with a few seconds of training per model."""
+    out = tmp_path / "demo"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "demo", "--out", str(out), "--train-images", "16", "--val-images", "8", "--budget", "5"],
+        capture_output=True, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for stage in ("detector r18_fpn", "detector shufflev2_lsd", "fused", "final masks"):
+        assert stage in r.stdout
+    assert f"everything is under {out}" in r.stdout
+    assert (out / "report.md").is_file() and (out / "outputs" / "instances.parquet").is_file()
+    assert len(list((out / "pictures").glob("*.png"))) == 4
+    assert (out / "prefect" / "prefect.db").is_file()  # Prefect's home stayed in the run folder

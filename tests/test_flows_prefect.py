@@ -61,6 +61,13 @@ def test_rerun_skips_and_changes_rerun_only_what_they_touch(harness, synth_small
     md = Artifact.get("test-report")
     assert md is not None and "data:image/jpeg;base64," in md.data
 
+    # evaluate_flow alone on the same files: the cached metrics, the report written again.
+    from flows.prefect_flows import evaluate_flow
+
+    (run / "report.md").unlink()
+    ev = evaluate_flow(cfg, result["detections"], result["fused"], result["instances"], run_dir=str(run))
+    assert ev["metrics"] == result["metrics"] and ev["table"] == result["table"] and (run / "report.md").is_file()
+
     # 1. The same run again: nothing computes; every shard task is a Prefect cache hit.
     n = ledger_len(run)
     state = two_pass_flow(cfg, str(run), return_state=True)
