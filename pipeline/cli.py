@@ -137,29 +137,6 @@ def images_cmd(
     typer.echo(f"wrote {out}: {len(s)} images")
 
 
-def _foundation_demo(out: Path) -> None:
-    """Synthetic data, overlays and a sanity evaluation: what runs before any model is trained."""
-    from .evaluate import evaluate as run_eval
-    from .evaluate import format_metrics
-    from .fileio import read_json
-
-    synth(out / "val", images=50, size=256, seed=1)
-    ann = out / "val" / "annotations.json"
-    results = [dict(a, score=1.0) for a in read_json(ann)["annotations"]]
-    metrics = run_eval(ann, results)
-    typer.echo(format_metrics(metrics, "ground truth scored as results (must be 1.0)"))
-    show(images=out / "val" / "images", out=out / "pictures", ann=ann, max_images=4)
-    typer.echo(f"outputs under {out}")
-
-
-if importlib.util.find_spec("flows.cli") is None:
-
-    @app.command()
-    def demo(out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo")) -> None:
-        """The main job (until the flows exist: synthetic data, overlays, evaluation)."""
-        _foundation_demo(out)
-
-
 def _register_plugins() -> None:
     for name in PLUGINS:
         if importlib.util.find_spec(name) is not None:
