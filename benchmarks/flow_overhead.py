@@ -100,6 +100,9 @@ def main() -> None:
     plain, flow = min(plain_times), min(flow_times)
     total_flow = flow + server_s
     overhead = total_flow - plain - server_s
+    paired = sorted(f - p for f, p in zip(flow_times, plain_times))
+    print(f"flow - plain per round: {', '.join(f'{d:.2f}' for d in paired)} s (median {paired[len(paired) // 2]:.2f} s; "
+          "a shared machine's noise is of this order, hence the best of each below)")  # fmt: skip
     print(f"plain functions:            {plain:8.2f} s")
     print(f"two_pass_flow (embedded):   {total_flow:8.2f} s  (server start {server_s:.2f} s + flow {flow:.2f} s)")
     print(f"flow overhead beyond start: {overhead:8.2f} s  ({overhead / n_tasks * 1000:.0f} ms per shard task, "
