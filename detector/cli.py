@@ -53,7 +53,7 @@ def make_train_command(kind: str, load: Callable[[], tuple[Callable, Callable]])
 
         from pipeline.coco import CocoDataset
 
-        from .checkpoint import CheckpointError, read_meta
+        from .checkpoint import read_meta
         from .infer import make_validator
         from .train import TrainOptions, train
 
@@ -67,15 +67,11 @@ def make_train_command(kind: str, load: Callable[[], tuple[Callable, Callable]])
         dataset = CocoDataset(train_ann, train_images, with_masks=cfg.mask_head.enabled)
         categories = dataset.categories
         weights = backbone_weights
-        if resume:
-            try:
-                meta = read_meta(out)
-            except CheckpointError:
-                meta = None
-            if meta is not None:
-                if meta.config != cfg.to_dict():
-                    raise ValueError(f"--resume: config {config} differs from the one in {meta.path}")
-                weights = None  # the checkpoint holds them
+        if resume and (out / "checkpoints" / "last.json").exists():
+            meta = read_meta(out)
+            if meta.config != cfg.to_dict():
+                raise ValueError(f"--resume: config {config} differs from the one in {meta.path}")
+            weights = None  # the checkpoint holds them
         torch.manual_seed(cfg.train.seed if seed is None else seed)
         model = build_model(cfg, categories.num_classes, weights)
         validate = None

@@ -236,10 +236,8 @@ def train(
 
     start = 0
     if options.resume:
-        try:
-            meta = read_meta(out)
-        except CheckpointError:
-            meta = None  # nothing saved yet: start from scratch
+        # Nothing saved yet: start from scratch. A damaged checkpoint is an error, not a restart.
+        meta = read_meta(out) if (out / "checkpoints" / "last.json").exists() else None
         if meta is not None:
             if meta.kind != kind:
                 raise CheckpointError(f"{meta.path}: a {meta.kind!r} checkpoint, this run trains a {kind!r}")

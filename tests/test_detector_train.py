@@ -132,6 +132,15 @@ def test_resume_with_adamw_equals_uninterrupted(dataset, tmp_path):
     assert a.iteration == 4 and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_without_checkpoint_starts_fresh_and_damage_is_an_error(dataset, tmp_path):
+    cfg = tiny_config()
+    r = _run(cfg, dataset, tmp_path / "fresh", iters=2, resume=True)  # nothing saved yet
+    assert r.iteration == 2 and len(r.history) == 2
+    (tmp_path / "fresh" / "checkpoints" / "iter_0000002.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="iter_0000002.json"):
+        _run(cfg, dataset, tmp_path / "fresh", iters=4, resume=True)
+
+
 def test_lr_schedule_scales_warms_and_decays():
     cfg = TrainConfig(base_lr=0.02, base_batch=16, warmup_iters=10, warmup_factor=0.001, steps=[0.5, 0.75], gamma=0.1)
     peak = effective_lr(None, cfg, total_batch=4)
