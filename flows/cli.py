@@ -243,7 +243,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Run folder: data, models, outputs, report.md, Prefect's home.")] = Path("runs/demo"),
     train_images: Annotated[int, typer.Option(help="Synthetic training images.")] = 300,
     val_images: Annotated[int, typer.Option(help="Synthetic validation images (pass one and two run on these).")] = 50,
-    budget: Annotated[float, typer.Option(help="Training time budget per model, seconds.")] = 150.0,
+    budget: Annotated[float, typer.Option(help="Training time budget per model, seconds.")] = 180.0,
     task_runner: RunnerOpt = "threads",
     workers: WorkersOpt = None,
     dask_address: DaskOpt = None,
