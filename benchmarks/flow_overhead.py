@@ -3,13 +3,14 @@ called directly (`flows.plain.two_pass_plain`), on the same small data and model
 
 Synthetic 128 px images, the demo's two detectors (2 scales x flip each) and segmenter with
 random weights (no training: the work per shard is what matters here). Each variant runs in
-a fresh run folder, so everything is computed; they alternate, and the best of --repeats
-counts. The embedded server's start is timed on its own (`get_client()` starts it).
+a fresh run folder, so everything is computed; they alternate, round after round, and each
+round's difference counts (median and minimum over --repeats rounds). The embedded server's
+start is timed on its own (`get_client()` starts it).
 
-    python benchmarks/flow_overhead.py [--images 32] [--shard-size 8] [--repeats 3]
+    python benchmarks/flow_overhead.py [--images 48] [--shard-size 16] [--repeats 5]
 
-Last line: overhead_fraction=<(flow + server start - plain - server start) / plain>, i.e. the
-flows' own cost beyond the one-time server start, as a fraction of the plain run.
+Last line: overhead_fraction=<median over rounds of (flow - plain) / median plain>, i.e. the
+flows' own cost beyond the one-time embedded server start, as a fraction of the plain run.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -28,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--images", type=int, default=32)
-    ap.add_argument("--shard-size", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--shard-size", type=int, default=16, help="images a shard (default: the demo's)")
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--keep", type=Path, default=None, help="Work in this folder and keep it (default: a temp folder).")
     args = ap.parse_args()
 
@@ -97,19 +99,20 @@ def main() -> None:
         print(f"round {r + 1}: plain {plain_times[-1]:.2f} s, flow {flow_times[-1]:.2f} s")
         assert stages.stage_counts(stages.read_ledger(work / f"flow{r}")) == stages.stage_counts(stages.read_ledger(work / f"plain{r}"))
 
-    plain, flow = min(plain_times), min(flow_times)
-    total_flow = flow + server_s
-    overhead = total_flow - plain - server_s
+    # Paired per round (the two sides of a round see about the same load), then the median and
+    # the minimum over rounds: a shared machine's noise is of the order of the overhead itself.
     paired = sorted(f - p for f, p in zip(flow_times, plain_times))
-    print(f"flow - plain per round: {', '.join(f'{d:.2f}' for d in paired)} s (median {paired[len(paired) // 2]:.2f} s; "
-          "a shared machine's noise is of this order, hence the best of each below)")  # fmt: skip
-    print(f"plain functions:            {plain:8.2f} s")
-    print(f"two_pass_flow (embedded):   {total_flow:8.2f} s  (server start {server_s:.2f} s + flow {flow:.2f} s)")
-    print(f"flow overhead beyond start: {overhead:8.2f} s  ({overhead / n_tasks * 1000:.0f} ms per shard task, "
-          f"{overhead / n_shards * 1000:.0f} ms per shard)")  # fmt: skip
+    med = statistics.median
+    plain_med, overhead_med, overhead_min = med(plain_times), med(paired), paired[0]
+    print(f"flow - plain per round: {', '.join(f'{d:.2f}' for d in paired)} s")
+    print(f"plain functions:            median {plain_med:8.2f} s, min {min(plain_times):8.2f} s")
+    print(f"two_pass_flow (embedded):   median {med(flow_times):8.2f} s, min {min(flow_times):8.2f} s  (+ server start {server_s:.2f} s once)")
+    print(f"flow overhead beyond start: median {overhead_med:8.2f} s, min {overhead_min:8.2f} s  "
+          f"({overhead_med / n_tasks * 1000:.0f} ms per shard task, {overhead_med / n_shards * 1000:.0f} ms per shard; median)")  # fmt: skip
+    print(f"overhead fraction: median {overhead_med / plain_med:.4f}, min {overhead_min / plain_med:.4f}")
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"overhead_fraction={overhead / plain:.4f}")
+    print(f"overhead_fraction={overhead_med / plain_med:.4f}")
 
 
 def _torch_threads() -> int:
