@@ -6,7 +6,9 @@ evaluated with COCO metrics, averaged over seeds. Resumable row by row.
 
 Budgets (data sizes and schedule; every row gets the same):
   smoke  a few iterations on a few images: checks the machinery in minutes, numbers mean nothing
-  small  2 CPU cores, about 90 minutes for one seed with the `*_cpu` presets (see BUDGETS)
+  small  2 CPU cores, 2 seeds in about 100 minutes with the `*_cpu` presets, one process a seed:
+         python benchmarks/ablation.py --budget small --only-seed 0 --threads 1 &
+         python benchmarks/ablation.py --budget small --only-seed 1 --threads 1   (see BUDGETS)
   full   meant for a GPU (`--device cuda`): more data, a longer schedule, three seeds
 
 Models. All configs are built in code from ONE base preset, `configs/r18_lsd_cpu.yaml`
@@ -55,6 +57,7 @@ import copy  # noqa: E402
 import fnmatch  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -96,13 +99,13 @@ class Budget:
 BUDGETS = {
     # Same batch and input sizes as `small`, so its seconds an iteration project `small`'s time.
     "smoke": Budget("smoke", train_images=16, val_images=8, iters=6, batch=4, warmup_iters=2, checkpoint_every=3),
-    # How `small` was sized (2 threads, OMP_WAIT_POLICY=PASSIVE, shared machine at load 4-5):
-    # one iteration (batch 4, 112-144 px) of each of the 11 models, medians summed, took
-    # 11.9 s (smoke run, 6 iterations each) and 13.8 s (12 iterations each); 300 iterations
-    # -> 60-69 min of training. Evaluation of all 19 rows took 81 s on the smoke run's 8 val
-    # images (~10 s an image, 100 detections an image already) -> ~17 min for 100 images.
-    # Data generation ~15 s. Total about 80-90 min for one seed.
-    "small": Budget("small", train_images=600, val_images=100, iters=300, batch=4, warmup_iters=50, checkpoint_every=100),
+    # How `small` was sized (2 cores, OMP_WAIT_POLICY=PASSIVE): r18_lsd_cpu trains at 0.43 s an
+    # iteration (batch 4, 112-144 px) with 2 threads, or 0.68 s in each of two processes of 1
+    # thread side by side (1.26x the throughput: run one seed a process, `--only-seed`). The 11
+    # models average about 1.35x r18_lsd_cpu's time (smoke run), so 500 iterations are ~8 min a
+    # model, ~85 min for 11; evaluating 19 rows on 50 val images ~13 min. Two seeds side by side:
+    # about 100 minutes. Data generation ~15 s.
+    "small": Budget("small", train_images=600, val_images=50, iters=500, batch=4, warmup_iters=50, checkpoint_every=100, seeds=2),
     # For a GPU (not measured here: no GPU was available when this was written).
     "full": Budget("full", train_images=4000, val_images=500, iters=9000, batch=8, warmup_iters=500,
                    checkpoint_every=1000, seeds=3, device="cuda"),
@@ -308,10 +311,12 @@ def nms_off(model):
 
 
 class Ablation:
-    def __init__(self, out: Path, budget: Budget, seeds: int, rows: list[Row], device: str = "cpu", log: Callable[[str], None] = print):
+    def __init__(self, out: Path, budget: Budget, seeds: int, rows: list[Row], device: str = "cpu",
+                 log: Callable[[str], None] = print, only_seed: int | None = None):  # fmt: skip
         self.out = Path(out)
         self.budget = budget
         self.seeds = seeds
+        self.only_seed = only_seed  # compute this seed only; results still aggregate every finished seed
         self.rows = rows
         self.device = device
         self.log = log
@@ -333,9 +338,18 @@ class Ablation:
         self.train_dir = self.out / "data" / f"train-{b.train_images}x{b.image_size}-seed0"
         self.val_dir = self.out / "data" / f"val-{b.val_images}x{b.image_size}-seed1"
         for d, n, seed in ((self.train_dir, b.train_images, 0), (self.val_dir, b.val_images, 1)):
-            if not (d / "annotations.json").is_file():  # written last (atomically) by generate
+            if not (d / "annotations.json").is_file():
+                # Generated aside, then renamed into place: processes started side by side
+                # (`--only-seed`) never read a half-written set; the loser of the rename drops its copy.
                 t0 = time.perf_counter()
-                generate(d, n, b.image_size, seed=seed)
+                tmp = d.with_name(f"{d.name}.tmp-{os.getpid()}")
+                generate(tmp, n, b.image_size, seed=seed)
+                try:
+                    tmp.rename(d)
+                except OSError:
+                    if not (d / "annotations.json").is_file():
+                        raise
+                    shutil.rmtree(tmp)
                 self.log(f"data: {n} images of {b.image_size} px (seed {seed}) -> {d} in {fmt_s(time.perf_counter() - t0)}")
         self.val_index = CocoIndex.load(self.val_dir / "annotations.json")
         self.val_images = self.val_index.image_set(self.val_dir / "images")
@@ -546,9 +560,36 @@ class Ablation:
             "train_seconds": sum(t["train_seconds"] for t in trained.values()),
             "models": {m: {k: t[k] for k in ("train_seconds", "seconds_per_iter", "run")} for m, t in trained.items()},
         }  # fmt: skip
-        write_json(self.row_path(row, seed), result, indent=1)
+        from pipeline.tables import TableMeta, write_table
+
+        kind = "instances" if "mask_counts" in table.column_names else "detections"
+        meta = TableMeta(kind, f"benchmarks/ablation.py {row.name}", self.val_index.categories, dataset=str(self.val_dir))
+        write_table(self.row_path(row, seed).with_suffix(".parquet"), table, meta)  # for pictures and a closer look
+        write_json(self.row_path(row, seed), result, indent=1)  # last: marks the row finished
         self._eval_walls.append(wall)
         return result
+
+    def comparison_picture(self, seed: int = 0, top: int = 10) -> Path | None:
+        """DIR/comparison.png: ground truth | baseline | full header masks on one val image (the
+        one with most objects among the first 10), the `top` best-scoring results each."""
+        from pipeline.fileio import atomic_path
+        from pipeline.tables import read_table
+        from pipeline.visualize import best_per_image, render_image
+
+        paths = [self.row_path(ROW_BY_NAME[r], seed).with_suffix(".parquet") for r in ("baseline", "lsh")]
+        if not all(p.is_file() for p in paths) or not all(self.row_result(ROW_BY_NAME[r], seed) for r in ("baseline", "lsh")):
+            return None
+        ids = sorted(self.val_images.image_ids)[:10]
+        image_id = max(ids, key=lambda i: len(self.val_index.anns_by_image.get(i, [])))
+        panels = [("ground truth", self.val_index.anns_by_image.get(image_id, []))]
+        for title, path in zip(("baseline", "full header"), paths):
+            table, _ = read_table(path, "instances")
+            panels.append((f"{title} (best {top})", best_per_image(table, top)))
+        picture = render_image(self.val_images, image_id, self.val_index.categories, panels, score_thresh=0.0)
+        out = self.out / "comparison.png"
+        with atomic_path(out) as tmp:
+            picture.save(tmp, format="PNG")
+        return out
 
     # ----------------------------------------------------------------- ETA
 
@@ -581,7 +622,8 @@ class Ablation:
         self.log(f"ablation: budget {b.name} ({b.train_images} train / {b.val_images} val images of {b.image_size} px, "
                  f"{b.iters} iterations at batch {b.batch}), {self.seeds} seed(s), {len(self.rows)} rows, device {self.device}, "
                  f"base preset {BASE_PRESET} -> {self.out}")  # fmt: skip
-        tasks = [(r, s) for s in range(self.seeds) for r in self.rows]
+        seeds = range(self.seeds) if self.only_seed is None else [self.only_seed]
+        tasks = [(r, s) for s in seeds for r in self.rows]
         finished = sum(self.row_result(r, s) is not None for r, s in tasks)
         if finished:
             self.log(f"{finished} of {len(tasks)} row/seed(s) already finished in {self.out}: skipping them")
@@ -607,6 +649,9 @@ class Ablation:
         self._dets.clear()
         summary = self.write_results()
         summary["stats"] = dict(self.stats)
+        picture = self.comparison_picture(self.only_seed or 0)
+        if picture is not None:
+            self.log(f"picture: {picture}")
         st = self.stats
         self.log(f"rows computed {st['rows_computed']}, skipped (already finished) {st['rows_skipped']}; "
                  f"models trained {st['models_trained']}; total {fmt_s(time.perf_counter() - t_start)}")
@@ -752,6 +797,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", default=None, help="comma-separated glob patterns of row names (default: all)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: the budget's)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--only-seed", type=int, default=None,
+                    help="compute only this seed (0..N-1): run one process a seed side by side, e.g. two with "
+                         "--threads 1 on 2 cores, about 1.3x the throughput of one with --threads 2 (measured)")
     ap.add_argument("--list", action="store_true", help="list the rows and models, then exit")
     args = ap.parse_args(argv)
 
@@ -770,7 +818,9 @@ def main(argv: list[str] | None = None) -> None:
     device = args.device or budget.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: no CUDA device here (budget {budget.name} defaults to cuda; pass --device cpu)")
-    abl = Ablation(out, budget, seeds, select_rows(args.rows), device=device)
+    if args.only_seed is not None and not 0 <= args.only_seed < seeds:
+        raise SystemExit(f"--only-seed {args.only_seed}: not among the seeds 0..{seeds - 1}")
+    abl = Ablation(out, budget, seeds, select_rows(args.rows), device=device, only_seed=args.only_seed)
     summary = abl.run()
     print(f"results: {out / 'results.md'}, {out / 'results.json'}")
     h = summary["headline"]

@@ -24,7 +24,7 @@ threshold each. "box" rows score the boxes; "mask" scores the masks of the final
 def render_pictures(run_dir: str | Path, config: PipelineConfig, fused: str | None, instances: str | None) -> list[Path]:
     """Ground truth | fused boxes | final masks, for the first `evaluation.overlays` images."""
     from pipeline.tables import read_results
-    from pipeline.visualize import render_image
+    from pipeline.visualize import best_per_image, render_image
 
     n = config.evaluation.overlays
     if n <= 0:
@@ -52,20 +52,6 @@ def render_pictures(run_dir: str | Path, config: PipelineConfig, fused: str | No
             picture.save(tmp, format="PNG")
         written.append(path)
     return written
-
-
-def best_per_image(table, k: int):
-    """The k best-scoring rows of each image."""
-    import numpy as np
-    import pyarrow as pa
-
-    if table.num_rows == 0:
-        return table
-    ids = table.column("image_id").to_numpy()
-    order = np.lexsort((-table.column("score").to_numpy(), ids))
-    first = np.searchsorted(ids[order], ids[order], side="left")
-    keep = order[np.arange(len(order)) - first < k]
-    return table.take(pa.array(np.sort(keep)))
 
 
 def _thumbnail(path: Path, width: int = 720) -> str:

@@ -69,6 +69,17 @@ def _panel(title: str, im: Image.Image) -> Image.Image:
     return out
 
 
+def best_per_image(table: pa.Table, k: int) -> pa.Table:
+    """The k best-scoring rows of each image (pictures of low-scoring results stay readable)."""
+    if table.num_rows == 0:
+        return table
+    ids = table.column("image_id").to_numpy()
+    order = np.lexsort((-table.column("score").to_numpy(), ids))
+    first = np.searchsorted(ids[order], ids[order], side="left")
+    keep = order[np.arange(len(order)) - first < k]
+    return table.take(pa.array(np.sort(keep)))
+
+
 def render_image(
     image_set: ImageSet,
     image_id: int,

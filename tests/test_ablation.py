@@ -68,3 +68,16 @@ def test_two_rows_then_resume(ablation, tmp_path):
     third = run()
     assert third["stats"]["rows_computed"] == 1 and third["stats"]["models_trained"] == 0
     assert third["rows"][1]["segm"]["per_seed"] == first["rows"][1]["segm"]["per_seed"]
+
+
+def test_one_seed_of_two_and_the_comparison_picture(ablation, tmp_path):
+    from PIL import Image
+
+    budget = ablation.Budget("tiny", train_images=4, val_images=2, iters=2, batch=1, warmup_iters=1, checkpoint_every=2)
+    summary = ablation.Ablation(tmp_path, budget, 2, ablation.select_rows("baseline,lsh"), log=lambda _: None, only_seed=1).run()
+    assert summary["stats"]["rows_computed"] == 2
+    assert [r["seeds"] for r in summary["rows"]] == [[1], [1]]
+    assert not (tmp_path / "rows" / "baseline" / "seed0.json").exists()
+    assert (tmp_path / "rows" / "lsh" / "seed1.parquet").is_file()
+    with Image.open(tmp_path / "comparison.png") as im:  # ground truth | baseline | full header, 128 px enlarged
+        assert im.width >= 3 * 4 * 128 and im.height > 4 * 128
