@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -204,18 +204,26 @@ def load_optimizer(optimizer: torch.optim.Optimizer, meta: CheckpointMeta) -> No
         raise CheckpointError(f"{meta.optim_path}: optimizer state does not fit ({e})") from None
 
 
-def load_detector(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, meta) from a detector checkpoint."""
-    from .config import ConfigError, config_from_dict
-    from .model import build_detector
+def load_model(path: str | Path, kind: str, parse: Callable, build: Callable, device: str | torch.device = "cpu"):
+    """(model in eval mode, meta) from a `kind` checkpoint (file or run folder): `parse(dict,
+    where)` validates its config, `build(config, num_classes)` makes the model."""
+    from .config import ConfigError
 
     meta = read_meta(path)
-    if meta.kind != "detector":
-        raise CheckpointError(f"{meta.path}: a {meta.kind!r} checkpoint, expected 'detector'")
+    if meta.kind != kind:
+        raise CheckpointError(f"{meta.path}: a {meta.kind!r} checkpoint, expected {kind!r}")
     try:
-        config = config_from_dict(meta.config, f"{meta.path} (config)")
+        config = parse(meta.config, f"{meta.path} (config)")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    model = build_detector(config, meta.categories.num_classes)
+    model = build(config, meta.categories.num_classes)
     load_weights(model, meta)
     return model.to(device).eval(), meta
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, meta) from a detector checkpoint (file or run folder)."""
+    from .config import config_from_dict
+    from .model import build_detector
+
+    return load_model(path, "detector", config_from_dict, build_detector, device)

@@ -14,8 +14,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
 from detector.backbone import head_norm
-from detector.checkpoint import CheckpointError, load_weights, read_meta
-from detector.config import ConfigError
+from detector.checkpoint import load_model
 from detector.model import Detector, build_detector
 
 from .config import SegmenterConfig, segmenter_config_from_dict
@@ -85,13 +84,4 @@ def build_segmenter(config: SegmenterConfig, num_classes: int, backbone_weights:
 
 def load_segmenter(path: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, checkpoint meta) from a segmenter checkpoint (file or run folder)."""
-    meta = read_meta(path)
-    if meta.kind != KIND:
-        raise CheckpointError(f"{meta.path}: a {meta.kind!r} checkpoint, expected {KIND!r}")
-    try:
-        config = segmenter_config_from_dict(meta.config, f"{meta.path} (config)")
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    model = build_segmenter(config, meta.categories.num_classes)
-    load_weights(model, meta)
-    return model.to(device).eval(), meta
+    return load_model(path, KIND, segmenter_config_from_dict, build_segmenter, device)
