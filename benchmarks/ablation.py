@@ -582,24 +582,25 @@ class Ablation:
         self._eval_walls.append(wall)
         return result
 
-    def comparison_picture(self, seed: int = 0, top: int = 10) -> Path | None:
-        """DIR/comparison.png: ground truth | baseline | full header masks on one val image (the
-        one with most objects among the first 10), the `top` best-scoring results each."""
+    def comparison_picture(self, seed: int = 0, rows: tuple[str, str] = ("baseline", "lsh"), name: str = "comparison.png",
+                           top: int = 10) -> Path | None:  # fmt: skip
+        """DIR/<name>: ground truth | baseline | full header masks on one val image (the one with
+        most objects among the first 10), the `top` best-scoring results each."""
         from pipeline.fileio import atomic_path
         from pipeline.tables import read_table
         from pipeline.visualize import best_per_image, render_image
 
-        paths = [self.row_path(ROW_BY_NAME[r], seed).with_suffix(".parquet") for r in ("baseline", "lsh")]
-        if not all(p.is_file() for p in paths) or not all(self.row_result(ROW_BY_NAME[r], seed) for r in ("baseline", "lsh")):
+        if not all(r in ROW_BY_NAME and self.row_result(ROW_BY_NAME[r], seed) for r in rows):
             return None
         ids = sorted(self.val_images.image_ids)[:10]
         image_id = max(ids, key=lambda i: len(self.val_index.anns_by_image.get(i, [])))
         panels = [("ground truth", self.val_index.anns_by_image.get(image_id, []))]
-        for title, path in zip(("baseline", "full header"), paths):
-            table, _ = read_table(path, "instances")
-            panels.append((f"{title} (best {top})", best_per_image(table, top)))
+        for title, r in zip(("baseline", "full header"), rows):
+            table, _ = read_table(self.row_path(ROW_BY_NAME[r], seed).with_suffix(".parquet"), "instances")
+            boxes = "ground-truth boxes" if ROW_BY_NAME[r].run == "gt_boxes" else f"own boxes, best {top}"
+            panels.append((f"{title} ({boxes})", best_per_image(table, top)))
         picture = render_image(self.val_images, image_id, self.val_index.categories, panels, score_thresh=0.0)
-        out = self.out / "comparison.png"
+        out = self.out / name
         with atomic_path(out) as tmp:
             picture.save(tmp, format="PNG")
         return out
@@ -662,9 +663,10 @@ class Ablation:
         self._dets.clear()
         summary = self.write_results()
         summary["stats"] = dict(self.stats)
-        picture = self.comparison_picture(self.only_seed or 0)
-        if picture is not None:
-            self.log(f"picture: {picture}")
+        for rows, name in ((("baseline", "lsh"), "comparison.png"), (("gt_baseline", "gt_lsh"), "comparison_gt_boxes.png")):
+            picture = self.comparison_picture(self.only_seed or 0, rows, name)
+            if picture is not None:
+                self.log(f"picture: {picture}")
         st = self.stats
         self.log(f"rows computed {st['rows_computed']}, skipped (already finished) {st['rows_skipped']}; "
                  f"models trained {st['models_trained']}; total {fmt_s(time.perf_counter() - t_start)}")
