@@ -6,7 +6,7 @@ evaluated with COCO metrics, averaged over seeds. Resumable row by row.
 
 Budgets (data sizes and schedule; every row gets the same):
   smoke  a few iterations on a few images: checks the machinery in minutes, numbers mean nothing
-  small  2 CPU cores, 2 seeds in about 100 minutes with the `*_cpu` presets, one process a seed:
+  small  2 CPU cores, 2 seeds in 65 minutes (measured) with the `*_cpu` presets, one process a seed:
          python benchmarks/ablation.py --budget small --only-seed 0 --threads 1 &
          python benchmarks/ablation.py --budget small --only-seed 1 --threads 1   (see BUDGETS)
   long   small's data at 10x the iterations: about 11 hours on 2 CPU cores (not yet run)
@@ -108,7 +108,7 @@ BUDGETS = {
     # thread side by side (1.26x the throughput: run one seed a process, `--only-seed`). The 11
     # models average about 1.35x r18_lsd_cpu's time (smoke run), so 500 iterations are ~8 min a
     # model, ~85 min for 11; evaluating 19 rows on 50 val images ~13 min. Two seeds side by side:
-    # about 100 minutes. Data generation ~15 s.
+    # about 100 minutes estimated, 65 measured (2026-11-25: evaluation took ~3 min, not 13).
     "small": Budget("small", train_images=600, val_images=50, iters=500, batch=4, warmup_iters=50, checkpoint_every=100, seeds=2),
     # small's data and evaluation at 10x the schedule, for the header rows to leave the start
     # of their learning curves on a CPU: about 11 hours for both seeds side by side (small took
