@@ -9,6 +9,7 @@ Budgets (data sizes and schedule; every row gets the same):
   small  2 CPU cores, 2 seeds in 65 minutes (measured) with the `*_cpu` presets, one process a seed:
          python benchmarks/ablation.py --budget small --only-seed 0 --threads 1 &
          python benchmarks/ablation.py --budget small --only-seed 1 --threads 1   (see BUDGETS)
+  medium small's data at 3x the iterations (1500)
   long   small's data at 10x the iterations: about 11 hours on 2 CPU cores (not yet run)
   full   meant for a GPU (`--device cuda`): more data, a longer schedule, three seeds
 
@@ -110,6 +111,8 @@ BUDGETS = {
     # model, ~85 min for 11; evaluating 19 rows on 50 val images ~13 min. Two seeds side by side:
     # about 100 minutes estimated, 65 measured (2026-11-25: evaluation took ~3 min, not 13).
     "small": Budget("small", train_images=600, val_images=50, iters=500, batch=4, warmup_iters=50, checkpoint_every=100, seeds=2),
+    # small's data at 3x the schedule: a first look at whether the header rows move with training.
+    "medium": Budget("medium", train_images=600, val_images=50, iters=1500, batch=4, warmup_iters=50, checkpoint_every=250, seeds=2),
     # small's data and evaluation at 10x the schedule, for the header rows to leave the start
     # of their learning curves on a CPU: about 11 hours for both seeds side by side (small took
     # 65 minutes, nearly all of it training). Resumable; not yet run.
