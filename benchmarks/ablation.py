@@ -403,7 +403,7 @@ class Ablation:
         """Train (or finish training) a model; returns its done.json record."""
         import torch
 
-        from detector.checkpoint import CheckpointError, read_meta
+        from detector.checkpoint import last_meta
         from detector.train import TrainOptions, train
         from pipeline.coco import CocoDataset
         from pipeline.fileio import write_json
@@ -414,10 +414,7 @@ class Ablation:
         kind, cfg = self.config(name)
         b = self.budget
         run = self.run_dir(name, seed)
-        try:
-            meta = read_meta(run)
-        except CheckpointError:
-            meta = None
+        meta = last_meta(run)
         t0 = time.perf_counter()
         if meta is None or meta.iteration < b.iters:
             start = 0 if meta is None else meta.iteration
@@ -565,12 +562,14 @@ class Ablation:
     def compute_row(self, row: Row, seed: int) -> dict:
         from pipeline.evaluate import evaluate
         from pipeline.fileio import write_json
+        from pipeline.tables import TableMeta, write_table
 
         self.stats["models_reused"] += sum(self.model_done(m, seed) is not None for m in row.models)
         trained = {m: self.ensure_trained(m, seed) for m in row.models}
         t0 = time.perf_counter()
         table = self.evaluate_row(row, seed)
-        iou_types = ("bbox", "segm") if "mask_counts" in table.column_names else ("bbox",)
+        has_masks = "mask_counts" in table.column_names
+        iou_types = ("bbox", "segm") if has_masks else ("bbox",)
         metrics = evaluate(self.val_index.raw, table, iou_types=iou_types, per_category=False)
         wall = time.perf_counter() - t0
         result = {
@@ -581,9 +580,7 @@ class Ablation:
             "train_seconds": sum(t["train_seconds"] for t in trained.values()),
             "models": {m: {k: t[k] for k in ("train_seconds", "seconds_per_iter", "run")} for m, t in trained.items()},
         }  # fmt: skip
-        from pipeline.tables import TableMeta, write_table
-
-        kind = "instances" if "mask_counts" in table.column_names else "detections"
+        kind = "instances" if has_masks else "detections"
         meta = TableMeta(kind, f"benchmarks/ablation.py {row.name}", self.val_index.categories, dataset=str(self.val_dir))
         write_table(self.row_path(row, seed).with_suffix(".parquet"), table, meta)  # for pictures and a closer look
         write_json(self.row_path(row, seed), result, indent=1)  # last: marks the row finished

@@ -153,6 +153,15 @@ def resolve(path: str | Path) -> Path:
     return p
 
 
+def last_meta(run: str | Path) -> CheckpointMeta | None:
+    """The meta of a run folder's last checkpoint; None if nothing has been saved there yet.
+    A damaged checkpoint is an error (CheckpointError), never mistaken for a fresh start."""
+    run = Path(run)
+    if not any((d / "last.json").is_file() for d in (run / "checkpoints", run)):
+        return None
+    return read_meta(run)
+
+
 def read_meta(path: str | Path) -> CheckpointMeta:
     p = resolve(path)
     try:

@@ -53,7 +53,7 @@ def make_train_command(kind: str, load: Callable[[], tuple[Callable, Callable]])
 
         from pipeline.coco import CocoDataset
 
-        from .checkpoint import read_meta
+        from .checkpoint import last_meta
         from .infer import make_validator
         from .train import TrainOptions, train
 
@@ -67,8 +67,8 @@ def make_train_command(kind: str, load: Callable[[], tuple[Callable, Callable]])
         dataset = CocoDataset(train_ann, train_images, with_masks=cfg.mask_head.enabled)
         categories = dataset.categories
         weights = backbone_weights
-        if resume and (out / "checkpoints" / "last.json").exists():
-            meta = read_meta(out)
+        meta = last_meta(out) if resume else None
+        if meta is not None:
             if meta.config != cfg.to_dict():
                 raise ValueError(f"--resume: config {config} differs from the one in {meta.path}")
             weights = None  # the checkpoint holds them

@@ -27,7 +27,7 @@ from torch import nn
 from pipeline.categories import Categories
 
 from .backbone import convert_sync_batchnorm
-from .checkpoint import CheckpointError, load_optimizer, load_weights, read_meta, save_checkpoint, unwrap
+from .checkpoint import CheckpointError, last_meta, load_optimizer, load_weights, save_checkpoint, unwrap
 from .config import TrainConfig
 from .data import IterationBatches, mix_seed, to_device
 
@@ -236,8 +236,7 @@ def train(
 
     start = 0
     if options.resume:
-        # Nothing saved yet: start from scratch. A damaged checkpoint is an error, not a restart.
-        meta = read_meta(out) if (out / "checkpoints" / "last.json").exists() else None
+        meta = last_meta(out)  # None: nothing saved yet, start from scratch
         if meta is not None:
             if meta.kind != kind:
                 raise CheckpointError(f"{meta.path}: a {meta.kind!r} checkpoint, this run trains a {kind!r}")

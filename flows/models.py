@@ -69,17 +69,14 @@ def train_model(
     """
     import torch
 
-    from detector.checkpoint import CheckpointError, read_meta
+    from detector.checkpoint import last_meta
     from detector.train import TrainOptions, train
     from pipeline.coco import CocoDataset
 
     cfg = model_config(kind, spec, where)
     t: TrainSpec = spec.train
     dataset = CocoDataset(train_ann, train_images, with_masks=cfg.mask_head.enabled)
-    try:
-        meta = read_meta(out)
-    except CheckpointError:
-        meta = None
+    meta = last_meta(out)
     if meta is not None and meta.iteration >= t.iters:
         return meta.path, meta.iteration
     torch.manual_seed(cfg.train.seed if t.seed is None else t.seed)

@@ -51,6 +51,7 @@ def save_random(path: Path, kind: str, model: dict[str, Any], categories, seed: 
 
 def random_checkpoints(base: Path, ann: Path) -> dict[str, Path]:
     """Two detectors (different heads) and a segmenter with random weights; made once per base."""
+    from detector.checkpoint import last_meta
     from pipeline.coco import CocoIndex
 
     cats = CocoIndex.load(ann).categories
@@ -61,7 +62,7 @@ def random_checkpoints(base: Path, ann: Path) -> dict[str, Path]:
         ("seg", "segmenter", tiny_model("seg", mask=True)),
     ):
         folder = base / name
-        if not (folder / "checkpoints" / "last.json").is_file():
+        if last_meta(folder) is None:
             save_random(folder, kind, model, cats, seed=len(out))
         out[name] = folder / "checkpoints" / "iter_0000000.json"
     return out
