@@ -28,6 +28,9 @@ Rows (reference row in brackets; deltas are paired per seed, then averaged):
              + global context [ShuffleNetV2]. Box AP from the segmenter's own detections.
   header_gt  the same segmenters' masks on ground-truth boxes, same references: the mask heads
              compared without their boxes' errors (no training of their own).
+  header_bb  the same segmenters' masks on the baseline segmenter's own boxes (its detections,
+             pass two style), same references: the mask heads compared on the same realistic
+             boxes, so a row's change is its mask head's alone.
   two_pass   the full-header segmenter alone; its masks on WBF-fused boxes of 2 detectors
              (LSD + its Cascade, `cascade_stages: 3`) and of 3 (+ ShuffleNetV2 LSD); + detection
              TTA (scales x flip); + mask TTA; masks on ground-truth boxes (upper bound).
@@ -44,8 +47,7 @@ finished row and reuses every finished model; a changed preset or budget gets ne
 computed afresh. DIR/results.md and DIR/results.json are rewritten after every row.
 
 Last line: full_header_mask_ap_gain=<AP points> full_header_box_ap_gain=<> full_header_gt_boxes_mask_ap_gain=<>
-two_pass_mask_ap_gain=<>
-improve_on_dets_mask_ap_gain=<> det_ensemble_box_ap_gain=<> rows=<n> seeds=<n>
+full_header_baseline_boxes_mask_ap_gain=<> two_pass_mask_ap_gain=<> improve_on_dets_mask_ap_gain=<> det_ensemble_box_ap_gain=<> rows=<n> seeds=<n>
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ MAX_PER_IMAGE = 100
 RAW_PER_VIEW = 300  # boxes a view keeps when Soft-NMS replaces the model's NMS
 BASE_PRESET = "r18_lsd_cpu"
 SHUFFLE_PRESET = "shufflev2_lsd_cpu"
+BASELINE_SEGMENTER = "seg_baseline"  # its own boxes are the common boxes of the header_bb rows
 TWO_PASS_SEGMENTER = "seg_lsh"  # the full-header segmenter (ResNet-18), pass two of every two-pass row
 DETECTORS_2 = ("det_lsd", "det_cascade")
 DETECTORS_3 = ("det_lsd", "det_cascade", "det_shufflev2")
@@ -206,7 +209,7 @@ def model_config(name: str, budget: Budget):
 @dataclass(frozen=True)
 class Row:
     name: str
-    group: str  # header | header_gt | two_pass | detection
+    group: str  # header | header_gt | header_bb | two_pass | detection
     label: str
     ref: str | None
     models: tuple[str, ...]
@@ -237,6 +240,7 @@ ROWS: tuple[Row, ...] = (
     Row("gt_lsh", "header_gt", "Full Location Sensitive Header", "gt_baseline", ("seg_lsh",), "gt_boxes"),
     Row("gt_lsh_shufflev2", "header_gt", "Full header, ShuffleNetV2 backbone", "gt_lsh", ("seg_lsh_shufflev2",), "gt_boxes"),
     Row("gt_lsh_shufflev2_gap", "header_gt", "+ global context (GAP)", "gt_lsh_shufflev2", ("seg_lsh_shufflev2_gap",), "gt_boxes"),
+    # header_bb rows (the same again, on the baseline's own boxes) are added below, one per header_gt row.
     # Two-pass pipeline: pass two is always the full-header segmenter.
     Row("tp_alone", "two_pass", "Full-header segmenter alone (own boxes)", None, (TWO_PASS_SEGMENTER,), "own", slides="-"),
     Row("tp_fused2", "two_pass", "Masks on fused boxes, 2 detectors (LSD + Cascade)", "tp_alone",
@@ -262,6 +266,19 @@ ROWS: tuple[Row, ...] = (
     Row("det_ens_softnms", "detection", "+ ensemble of 3 (with Cascade), Soft-NMS", "det_tta", DETECTORS_3, "detect",
         {"detectors": DETECTORS_3, "views": "tta", "method": "soft-nms"}, slides="+2.0, +1.8 with Cascade"),
 )  # fmt: skip
+
+
+def _on_baseline_boxes(gt: Row) -> Row:
+    """A header_gt row's segmenter on the baseline segmenter's own boxes (the segmenter comes first)."""
+    name = "bb_" + gt.name.removeprefix("gt_")
+    ref = None if gt.ref is None else "bb_" + gt.ref.removeprefix("gt_")
+    models = tuple(dict.fromkeys((*gt.models, BASELINE_SEGMENTER)))
+    return Row(name, "header_bb", gt.label, ref, models, "baseline_boxes")
+
+
+_GT = [r for r in ROWS if r.group == "header_gt"]
+_AFTER_GT = ROWS.index(_GT[-1]) + 1
+ROWS = ROWS[:_AFTER_GT] + tuple(_on_baseline_boxes(r) for r in _GT) + ROWS[_AFTER_GT:]
 ROW_BY_NAME = {r.name: r for r in ROWS}
 
 
@@ -521,6 +538,9 @@ class Ablation:
                   for x in self.val_index.raw["annotations"] if not x.get("iscrowd", 0)]  # fmt: skip
             boxes = from_coco_results(gt, source="ground_truth")
             mask_views = None
+        elif row.run == "baseline_boxes":
+            boxes = self.detections(BASELINE_SEGMENTER, seed, "single", False)
+            mask_views = None
         else:
             raise ValueError(f"row {row.name}: unknown recipe {row.run!r}")
         if mask_views is None:
@@ -727,6 +747,7 @@ class Ablation:
             "full_header_mask_ap_gain": delta("lsh", "segm"),
             "full_header_box_ap_gain": delta("lsh", "bbox"),
             "full_header_gt_boxes_mask_ap_gain": delta("gt_lsh", "segm"),
+            "full_header_baseline_boxes_mask_ap_gain": delta("bb_lsh", "segm"),
             "two_pass_mask_ap_gain": diff("tp_mask_tta", "tp_alone", "segm"),
             "improve_on_dets_mask_ap_gain": delta("tp_fused3", "segm"),
             "det_ensemble_box_ap_gain": diff("det_ens_wbf", "det_single", "bbox"),
@@ -767,6 +788,7 @@ def _cell(s: dict | None, signed: bool = False) -> str:
 GROUP_TITLES = {
     "header": "Location Sensitive Header and backbone (segmenters trained end to end, own boxes)",
     "header_gt": "The same segmenters' masks on ground-truth boxes (mask heads without the boxes' errors)",
+    "header_bb": "The same segmenters' masks on the baseline's own boxes (mask heads on the same realistic boxes)",
     "two_pass": "Two-pass pipeline (masks of the full-header segmenter)",
     "detection": "Detection only (box AP)",
 }

@@ -81,3 +81,27 @@ def test_one_seed_of_two_and_the_comparison_picture(ablation, tmp_path):
     assert (tmp_path / "rows" / "lsh" / "seed1.parquet").is_file()
     with Image.open(tmp_path / "comparison.png") as im:  # ground truth | baseline | full header, 128 px enlarged
         assert im.width >= 3 * 4 * 128 and im.height > 4 * 128
+
+
+def test_baseline_boxes_rows_share_the_baseline_boxes(ablation, tmp_path):
+    """header_bb rows: each segmenter's masks on the baseline segmenter's own boxes. The baseline's
+    row on its own boxes reproduces its end-to-end masks; another segmenter keeps the boxes."""
+    from pipeline.tables import read_table
+
+    budget = ablation.Budget("tiny", train_images=4, val_images=2, iters=2, batch=1, warmup_iters=1, checkpoint_every=2)
+    rows = ablation.select_rows("baseline,bb_baseline,bb_lsh")
+    assert [r.name for r in rows] == ["baseline", "bb_baseline", "bb_lsh"]
+    assert ablation.ROW_BY_NAME["bb_lsh"].models == ("seg_lsh", "seg_baseline")
+    summary = ablation.Ablation(tmp_path, budget, 1, rows, log=lambda _: None).run()
+    assert summary["stats"]["models_trained"] == 2 and summary["rows"][2]["ref"] == "bb_baseline"
+
+    def table(row):
+        t, _ = read_table(tmp_path / "rows" / row / "seed0.parquet", "instances")
+        return t.sort_by([("image_id", "ascending"), ("score", "descending")])
+
+    own, bb, lsh = table("baseline"), table("bb_baseline"), table("bb_lsh")
+    assert own.num_rows > 0
+    keys = ["image_id", "category_id", "x1", "y1", "x2", "y2", "score"]
+    assert bb.select(keys).equals(own.select(keys)) and lsh.select(keys).equals(own.select(keys))
+    assert bb.column("mask_counts").to_pylist() == own.column("mask_counts").to_pylist()
+    assert lsh.column("mask_counts").to_pylist() != own.column("mask_counts").to_pylist()
