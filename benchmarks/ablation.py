@@ -26,6 +26,9 @@ Rows (reference row in brackets; deltas are paired per seed, then averaged):
              mask [+LSD]; heavier mask head alone [baseline]; mask edge loss alone [baseline];
              full Location Sensitive Header [baseline]; the same on ShuffleNetV2 [full header];
              + global context [ShuffleNetV2]. Box AP from the segmenter's own detections.
+             The LSD and the full header again with the LSD at Light-Head R-CNN's small width
+             (`*_m64a10`: C_mid 64, alpha 10, as METHOD.md) [baseline]: the preset's C_mid 16,
+             alpha 4 is a speed choice, and at 1500 iterations it cost box AP.
   header_gt  the same segmenters' masks on ground-truth boxes, same references: the mask heads
              compared without their boxes' errors (no training of their own).
   header_bb  the same segmenters' masks on the baseline segmenter's own boxes (its detections,
@@ -47,7 +50,7 @@ finished row and reuses every finished model; a changed preset or budget gets ne
 computed afresh. DIR/results.md and DIR/results.json are rewritten after every row.
 
 Last line: full_header_mask_ap_gain=<AP points> full_header_box_ap_gain=<> full_header_gt_boxes_mask_ap_gain=<>
-full_header_baseline_boxes_mask_ap_gain=<> two_pass_mask_ap_gain=<> improve_on_dets_mask_ap_gain=<> det_ensemble_box_ap_gain=<> rows=<n> seeds=<n>
+full_header_baseline_boxes_mask_ap_gain=<> full_header_m64a10_mask_ap_gain=<> full_header_m64a10_box_ap_gain=<> two_pass_mask_ap_gain=<> improve_on_dets_mask_ap_gain=<> det_ensemble_box_ap_gain=<> rows=<n> seeds=<n>
 """
 
 from __future__ import annotations
@@ -159,6 +162,10 @@ def shufflenet_backbone() -> dict:
 
 
 LSD = {"box_head": {"type": "location_sensitive"}}
+# The Location Sensitive Detector at Light-Head R-CNN's small width (METHOD.md: C_mid 64,
+# alpha 10, a 490-d RoI feature) instead of the CPU preset's C_mid 16, alpha 4 (196-d; chosen
+# for speed, about 1.9x faster to train): at 1500 iterations the preset's width cost box AP.
+LSD_M64A10 = {"box_head": {"type": "location_sensitive", "mid_channels": 64, "alpha": 10}}
 MS_ROI = {"box_head": {"multi_scale_roi": True}, "mask_head": {"multi_scale_roi": True}}
 HEAVIER = {"mask_head": {"type": "heavier"}}
 EDGE = {"mask_head": {"edge_loss": "sobel", "edge_weight": 1.0}}
@@ -177,6 +184,8 @@ MODELS: dict[str, tuple[str, Callable[[], dict]]] = {
     "seg_heavier": ("segmenter", lambda: HEAVIER),
     "seg_edge": ("segmenter", lambda: EDGE),
     "seg_lsh": ("segmenter", _lsh),
+    "seg_lsd_m64a10": ("segmenter", lambda: LSD_M64A10),
+    "seg_lsh_m64a10": ("segmenter", lambda: _merge(_lsh(), LSD_M64A10)),
     "seg_lsh_shufflev2": ("segmenter", lambda: _merge(_lsh(), _merge(shufflenet_backbone(), {"backbone": {"global_context": False}}))),
     "seg_lsh_shufflev2_gap": ("segmenter", lambda: _merge(_lsh(), _merge(shufflenet_backbone(), {"backbone": {"global_context": True}}))),
     # Pass-one detectors: the full header's box side (LSD + multi-scale RoI), no mask branch.
@@ -226,6 +235,10 @@ ROWS: tuple[Row, ...] = (
     Row("heavier", "header", "Heavier mask head alone", "baseline", ("seg_heavier",), "own", slides="+0.9 / -0.2"),
     Row("edge", "header", "Mask edge loss alone", "baseline", ("seg_edge",), "own", slides="+0.6 / +0.0"),
     Row("lsh", "header", "Full Location Sensitive Header", "baseline", ("seg_lsh",), "own", slides="+2.6 / +2.0 (R50)"),
+    Row("lsd_m64a10", "header", "+ Location Sensitive Detector, Light-Head small width (C_mid 64, alpha 10)", "baseline",
+        ("seg_lsd_m64a10",), "own", slides="+1.0 / +1.7"),
+    Row("lsh_m64a10", "header", "Full Location Sensitive Header, LSD at Light-Head small width", "baseline",
+        ("seg_lsh_m64a10",), "own", slides="+2.6 / +2.0 (R50)"),
     Row("lsh_shufflev2", "header", "Full header, ShuffleNetV2 backbone", "lsh", ("seg_lsh_shufflev2",), "own",
         slides="+3.8 / +5.7 (ShuffleV2 vs R50, large model)"),
     Row("lsh_shufflev2_gap", "header", "+ global context (GAP)", "lsh_shufflev2", ("seg_lsh_shufflev2_gap",), "own",
@@ -238,6 +251,9 @@ ROWS: tuple[Row, ...] = (
     Row("gt_heavier", "header_gt", "Heavier mask head alone", "gt_baseline", ("seg_heavier",), "gt_boxes"),
     Row("gt_edge", "header_gt", "Mask edge loss alone", "gt_baseline", ("seg_edge",), "gt_boxes"),
     Row("gt_lsh", "header_gt", "Full Location Sensitive Header", "gt_baseline", ("seg_lsh",), "gt_boxes"),
+    Row("gt_lsd_m64a10", "header_gt", "+ Location Sensitive Detector, Light-Head small width", "gt_baseline",
+        ("seg_lsd_m64a10",), "gt_boxes"),
+    Row("gt_lsh_m64a10", "header_gt", "Full header, LSD at Light-Head small width", "gt_baseline", ("seg_lsh_m64a10",), "gt_boxes"),
     Row("gt_lsh_shufflev2", "header_gt", "Full header, ShuffleNetV2 backbone", "gt_lsh", ("seg_lsh_shufflev2",), "gt_boxes"),
     Row("gt_lsh_shufflev2_gap", "header_gt", "+ global context (GAP)", "gt_lsh_shufflev2", ("seg_lsh_shufflev2_gap",), "gt_boxes"),
     # header_bb rows (the same again, on the baseline's own boxes) are added below, one per header_gt row.
@@ -748,6 +764,8 @@ class Ablation:
             "full_header_box_ap_gain": delta("lsh", "bbox"),
             "full_header_gt_boxes_mask_ap_gain": delta("gt_lsh", "segm"),
             "full_header_baseline_boxes_mask_ap_gain": delta("bb_lsh", "segm"),
+            "full_header_m64a10_mask_ap_gain": delta("lsh_m64a10", "segm"),
+            "full_header_m64a10_box_ap_gain": delta("lsh_m64a10", "bbox"),
             "two_pass_mask_ap_gain": diff("tp_mask_tta", "tp_alone", "segm"),
             "improve_on_dets_mask_ap_gain": delta("tp_fused3", "segm"),
             "det_ensemble_box_ap_gain": diff("det_ens_wbf", "det_single", "bbox"),

@@ -36,6 +36,11 @@ def test_rows_selection_and_configs(ablation):
     diff = {k for k in base if base[k] != lsd[k]}
     assert diff == {"name", "box_head"}
     assert {k for k in base["box_head"] if base["box_head"][k] != lsd["box_head"][k]} == {"type"}
+    # the Light-Head-width rows change the LSD's width and nothing else
+    for narrow, wide in (("seg_lsd", "seg_lsd_m64a10"), ("seg_lsh", "seg_lsh_m64a10")):
+        n, w = (ablation.model_config(m, budget)[1].to_dict() for m in (narrow, wide))
+        assert {k for k in n if n[k] != w[k]} == {"name", "box_head"}
+        assert {k: w["box_head"][k] for k in n["box_head"] if n["box_head"][k] != w["box_head"][k]} == {"mid_channels": 64, "alpha": 10}
 
 
 def test_two_rows_then_resume(ablation, tmp_path):
