@@ -625,7 +625,7 @@ class Ablation:
 
     def comparison_picture(self, seed: int = 0, rows: tuple[str, str] = ("baseline", "lsh"), name: str = "comparison.png",
                            top: int = 10) -> Path | None:  # fmt: skip
-        """DIR/<name>: ground truth | baseline | full header masks on one val image (the one with
+        """DIR/<name>: ground truth | baseline | full header (`rows`) masks on one val image (the one with
         most objects among the first 10), the `top` best-scoring results each."""
         from pipeline.fileio import atomic_path
         from pipeline.tables import read_table
@@ -636,7 +636,8 @@ class Ablation:
         ids = sorted(self.val_images.image_ids)[:10]
         image_id = max(ids, key=lambda i: len(self.val_index.anns_by_image.get(i, [])))
         panels = [("ground truth", self.val_index.anns_by_image.get(image_id, []))]
-        for title, r in zip(("baseline", "full header"), rows):
+        titles = ("baseline", "full header" + (", Light-Head-width LSD" if rows[1].endswith("_m64a10") else ""))
+        for title, r in zip(titles, rows):
             table, _ = read_table(self.row_path(ROW_BY_NAME[r], seed).with_suffix(".parquet"), "instances")
             boxes = "ground-truth boxes" if ROW_BY_NAME[r].run == "gt_boxes" else f"own boxes, best {top}"
             panels.append((f"{title} ({boxes})", best_per_image(table, top)))
@@ -704,7 +705,13 @@ class Ablation:
         self._dets.clear()
         summary = self.write_results()
         summary["stats"] = dict(self.stats)
-        for rows, name in ((("baseline", "lsh"), "comparison.png"), (("gt_baseline", "gt_lsh"), "comparison_gt_boxes.png")):
+        pictures = {
+            "comparison.png": ("baseline", "lsh"),
+            "comparison_gt_boxes.png": ("gt_baseline", "gt_lsh"),
+            "comparison_m64a10.png": ("baseline", "lsh_m64a10"),
+            "comparison_m64a10_gt_boxes.png": ("gt_baseline", "gt_lsh_m64a10"),
+        }
+        for name, rows in pictures.items():
             picture = self.comparison_picture(self.only_seed or 0, rows, name)
             if picture is not None:
                 self.log(f"picture: {picture}")
