@@ -625,8 +625,8 @@ class Ablation:
         return result
 
     def comparison_picture(self, seed: int = 0, rows: tuple[str, str] = ("baseline", "lsh"), name: str = "comparison.png",
-                           top: int = 10) -> Path | None:  # fmt: skip
-        """DIR/<name>: ground truth | baseline | full header (`rows`) masks on one val image (the one with
+                           title: str = "full header", top: int = 10) -> Path | None:  # fmt: skip
+        """DIR/<name>: ground truth | baseline | `title` (`rows`) masks on one val image (the one with
         most objects among the first 10), the `top` best-scoring results each."""
         from pipeline.fileio import atomic_path
         from pipeline.tables import read_table
@@ -637,11 +637,10 @@ class Ablation:
         ids = sorted(self.val_images.image_ids)[:10]
         image_id = max(ids, key=lambda i: len(self.val_index.anns_by_image.get(i, [])))
         panels = [("ground truth", self.val_index.anns_by_image.get(image_id, []))]
-        titles = ("baseline", "full header" + (", Light-Head-width LSD" if rows[1].endswith("_m64a10") else ""))
-        for title, r in zip(titles, rows):
+        for label, r in zip(("baseline", title), rows):
             table, _ = read_table(self.row_path(ROW_BY_NAME[r], seed).with_suffix(".parquet"), "instances")
             boxes = "ground-truth boxes" if ROW_BY_NAME[r].run == "gt_boxes" else f"own boxes, best {top}"
-            panels.append((f"{title} ({boxes})", best_per_image(table, top)))
+            panels.append((f"{label} ({boxes})", best_per_image(table, top)))
         picture = render_image(self.val_images, image_id, self.val_index.categories, panels, score_thresh=0.0)
         out = self.out / name
         with atomic_path(out) as tmp:
@@ -706,14 +705,15 @@ class Ablation:
         self._dets.clear()
         summary = self.write_results()
         summary["stats"] = dict(self.stats)
+        wide = "full header, Light-Head-width LSD"
         pictures = {
-            "comparison.png": ("baseline", "lsh"),
-            "comparison_gt_boxes.png": ("gt_baseline", "gt_lsh"),
-            "comparison_m64a10.png": ("baseline", "lsh_m64a10"),
-            "comparison_m64a10_gt_boxes.png": ("gt_baseline", "gt_lsh_m64a10"),
+            "comparison.png": (("baseline", "lsh"), "full header"),
+            "comparison_gt_boxes.png": (("gt_baseline", "gt_lsh"), "full header"),
+            "comparison_m64a10.png": (("baseline", "lsh_m64a10"), wide),
+            "comparison_m64a10_gt_boxes.png": (("gt_baseline", "gt_lsh_m64a10"), wide),
         }
-        for name, rows in pictures.items():
-            picture = self.comparison_picture(self.only_seed or 0, rows, name)
+        for name, (rows, title) in pictures.items():
+            picture = self.comparison_picture(self.only_seed or 0, rows, name, title)
             if picture is not None:
                 self.log(f"picture: {picture}")
         st = self.stats
