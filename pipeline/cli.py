@@ -42,13 +42,23 @@ def synth(
     images: Annotated[int, typer.Option(help="Number of images.")] = 200,
     size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed; use different seeds for train and val.")] = 0,
+    difficulty: Annotated[
+        Optional[str],
+        typer.Option(
+            help="easy: few large flat objects; standard (default): coherent objects, clutter, occlusion; "
+            "hard: random textures on objects and background alike."
+        ),
+    ] = None,
 ) -> None:
-    """Generate the synthetic COCO benchmark set (textured shapes, clutter, occlusion)."""
-    from .synth import generate
+    """Generate the synthetic COCO benchmark set (shapes, clutter, occlusion) at a difficulty level."""
+    from .synth import DEFAULT_DIFFICULTY, DIFFICULTIES, generate
 
+    difficulty = difficulty or DEFAULT_DIFFICULTY
+    if difficulty not in DIFFICULTIES:
+        raise typer.BadParameter(f"must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}", param_hint="--difficulty")
     with _progress() as bar:
         task = bar.add_task("synth", total=images)
-        path = generate(out, images, size, seed, progress=lambda k: bar.update(task, completed=k))
+        path = generate(out, images, size, seed, progress=lambda k: bar.update(task, completed=k), difficulty=difficulty)
     typer.echo(f"wrote {path}")
 
 
