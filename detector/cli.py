@@ -69,7 +69,8 @@ def make_train_command(kind: str, load: Callable[[], tuple[Callable, Callable]])
         weights = backbone_weights
         meta = last_meta(out) if resume else None
         if meta is not None:
-            if meta.config != cfg.to_dict():
+            # through the config class: a checkpoint from before a config field existed has its default
+            if type(cfg).model_validate(meta.config).to_dict() != cfg.to_dict():
                 raise ValueError(f"--resume: config {config} differs from the one in {meta.path}")
             weights = None  # the checkpoint holds them
         torch.manual_seed(cfg.train.seed if seed is None else seed)

@@ -54,6 +54,15 @@ class AnchorConfig(_Strict):
     sizes: list[float] | None = None
     scale: float = Field(8.0, gt=0)
     aspect_ratios: list[float] = [0.5, 1.0, 2.0]
+    # Sizes per level: size * 2**(i / n) for i < n (RetinaNet's octave scales). One anchor
+    # size an octave leaves objects between two sizes with no anchor at IoU >= 0.7.
+    scales_per_octave: int = Field(1, ge=1)
+
+    def level_sizes(self, strides: list[int]) -> list[tuple[float, ...]]:
+        """The anchor sizes of each level (stride), px in the input batch."""
+        base = self.sizes or [self.scale * s for s in strides]
+        n = self.scales_per_octave
+        return [tuple(float(b) * 2 ** (i / n) for i in range(n)) for b in base]
 
 
 class RPNConfig(_Strict):
@@ -68,6 +77,20 @@ class RPNConfig(_Strict):
     bg_iou_thresh: float = 0.3
     batch_size_per_image: int = 256
     positive_fraction: float = 0.5
+
+
+class RoIPoolConfig(_Strict):
+    """How RoIs are pooled from the pyramid, for the box and mask heads alike."""
+
+    # FPN's level mapping (Eqn. 1): a box of sqrt(area) `canonical_scale` px (input batch)
+    # goes to P`canonical_level`, each halving or doubling one level down or up. FPN's 224 at
+    # P4 fits 800 px inputs; on 128 px inputs it sends nearly every object to P2, so presets
+    # for small inputs scale it with the input size (224 * 128 / 800 ~ 36).
+    canonical_scale: float = Field(224.0, gt=0)
+    canonical_level: int = Field(4, ge=2, le=5)
+    # Half-pixel correction of RoIAlign (Detectron2's ROIAlignV2): sample at the pixel
+    # centres the box covers. torchvision's ps_roi_align (the LSD's pooling) always does.
+    aligned: bool = False
 
 
 class BoxHeadConfig(_Strict):
@@ -169,6 +192,7 @@ class ModelConfig(_Strict):
     backbone: BackboneConfig = BackboneConfig()
     norm: NormConfig = NormConfig()
     rpn: RPNConfig = RPNConfig()
+    roi_pool: RoIPoolConfig = RoIPoolConfig()
     box_head: BoxHeadConfig = BoxHeadConfig()
     mask_head: MaskHeadConfig = MaskHeadConfig()
     input: InputConfig = InputConfig()

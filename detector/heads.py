@@ -16,17 +16,20 @@ from torch import Tensor, nn
 from torchvision.ops import ps_roi_align, roi_align
 from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format
 
+from .config import RoIPoolConfig
 
-def _roi_align_matrix(rois: Tensor, scale: float, out: int, ratio: int, n: int, h: int, w: int) -> Tensor:
-    """torchvision's RoIAlign (aligned=False, sampling_ratio > 0) as a sparse CSR matrix
+
+def _roi_align_matrix(rois: Tensor, scale: float, out: int, ratio: int, n: int, h: int, w: int, aligned: bool = False) -> Tensor:
+    """torchvision's RoIAlign (sampling_ratio > 0) as a sparse CSR matrix
     [R * out * out, n * h * w]: row (r, py, px) holds the bilinear weights, divided by the
     ratio * ratio samples of the bin, of the 4 pixels around each sample (the same sample
-    positions, clamping and out-of-range rule as torchvision's CPU kernel)."""
+    positions, half-pixel offset, clamping and out-of-range rule as torchvision's CPU kernel)."""
     dev, dt = rois.device, rois.dtype
     num = rois.shape[0]
-    x1, y1, x2, y2 = (rois[:, 1:] * scale).unbind(1)
-    bin_w = (x2 - x1).clamp(min=1.0) / out
-    bin_h = (y2 - y1).clamp(min=1.0) / out
+    x1, y1, x2, y2 = (rois[:, 1:] * scale - (0.5 if aligned else 0.0)).unbind(1)
+    # aligned=False keeps the legacy minimum of one pixel per RoI side
+    bin_w = ((x2 - x1) if aligned else (x2 - x1).clamp(min=1.0)) / out
+    bin_h = ((y2 - y1) if aligned else (y2 - y1).clamp(min=1.0)) / out
     grid = torch.arange(out, device=dev, dtype=dt)[None, :, None]
     sub = ((torch.arange(ratio, device=dev, dtype=dt) + 0.5) / ratio)[None, None, :]
     ys = y1[:, None, None] + (grid + sub) * bin_h[:, None, None]  # [R, out, ratio]
@@ -65,15 +68,17 @@ def _roi_align_matrix(rois: Tensor, scale: float, out: int, ratio: int, n: int, 
         return torch.sparse_csr_tensor(crow, cols.reshape(-1), vals.reshape(-1), size=(rows, n * h * w))
 
 
-def roi_align_channels_last(feature: Tensor, rois: Tensor, output_size: int, scale: float, sampling_ratio: int) -> Tensor:
-    """torchvision.ops.roi_align (aligned=False) for a channels-last CPU map, as one sparse
-    matrix product: the map viewed as [N * H * W, C] needs no copy, and the product runs on
-    every thread. Measured, 250 RoIs on a 256 x 200 x 304 map, 2 threads: about 20 ms against
-    120 ms (torchvision, NCHW) or 270 ms (torchvision, channels-last). Inference only.
+def roi_align_channels_last(
+    feature: Tensor, rois: Tensor, output_size: int, scale: float, sampling_ratio: int, aligned: bool = False
+) -> Tensor:
+    """torchvision.ops.roi_align for a channels-last CPU map, as one sparse matrix product:
+    the map viewed as [N * H * W, C] needs no copy, and the product runs on every thread.
+    Measured, 250 RoIs on a 256 x 200 x 304 map, 2 threads: about 20 ms against 120 ms
+    (torchvision, NCHW) or 270 ms (torchvision, channels-last). Inference only.
     Returns [R, C, p, p] (a channels-last view)."""
     n, c, h, w = feature.shape
     flat = feature.permute(0, 2, 3, 1).reshape(n * h * w, c)
-    m = _roi_align_matrix(rois.to(feature.dtype), scale, output_size, sampling_ratio, n, h, w)
+    m = _roi_align_matrix(rois.to(feature.dtype), scale, output_size, sampling_ratio, n, h, w, aligned)
     return (m @ flat).reshape(-1, output_size, output_size, c).permute(0, 3, 1, 2)
 
 
@@ -83,17 +88,20 @@ class LevelPooler(nn.Module):
 
     Replaces torchvision's MultiScaleRoIAlign, which infers the strides from the first batch
     it sees and caches them; here they come from the config. The level of each RoI follows
-    FPN's Eqn. 1 through torchvision's LevelMapper (canonical 224 px at level 4).
+    FPN's Eqn. 1 through torchvision's LevelMapper, at the configured canonical scale and
+    level (`RoIPoolConfig`: FPN's 224 px at P4 by default). `roi.aligned` applies to
+    roi_align; ps_roi_align is half-pixel aligned in torchvision whatever it says.
     """
 
-    def __init__(self, levels: list[int], output_size: int, sampling_ratio: int, op: Callable = roi_align):
+    def __init__(self, levels: list[int], output_size: int, sampling_ratio: int, op: Callable = roi_align, roi: RoIPoolConfig = RoIPoolConfig()):
         super().__init__()
         self.levels = list(levels)
         self.scales = [2.0 ** -l for l in self.levels]
         self.output_size = (output_size, output_size)
         self.sampling_ratio = sampling_ratio
         self.op = op
-        self.mapper = LevelMapper(self.levels[0], self.levels[-1], canonical_scale=224, canonical_level=4)
+        self.aligned = roi.aligned and op is roi_align
+        self.mapper = LevelMapper(self.levels[0], self.levels[-1], canonical_scale=roi.canonical_scale, canonical_level=roi.canonical_level)
         # Set by detector.speed.optimize_for_inference: RoIAlign as a sparse product on
         # channels-last CPU maps without gradients (see roi_align_channels_last).
         self.sparse_cpu = False
@@ -107,7 +115,9 @@ class LevelPooler(nn.Module):
             and not (torch.is_grad_enabled() and feature.requires_grad)
             and feature.is_contiguous(memory_format=torch.channels_last)
         ):
-            return roi_align_channels_last(feature, rois, self.output_size[0], scale, self.sampling_ratio)
+            return roi_align_channels_last(feature, rois, self.output_size[0], scale, self.sampling_ratio, self.aligned)
+        if self.aligned:
+            return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, aligned=True)
         return self.op(feature, rois, self.output_size, scale, self.sampling_ratio)
 
     def forward(self, feats: list[Tensor], boxes: list[Tensor]) -> Tensor:
@@ -160,10 +170,12 @@ class TwoFCHead(nn.Module):
     Output FloatTensor[R, fc_dim].
     """
 
-    def __init__(self, channels: int, levels: list[int], pool_size: int, sampling_ratio: int, fc_dim: int, multi_scale: bool):
+    def __init__(
+        self, channels: int, levels: list[int], pool_size: int, sampling_ratio: int, fc_dim: int, multi_scale: bool, roi: RoIPoolConfig = RoIPoolConfig()
+    ):
         super().__init__()
         self.feature_names = [f"p{l}" for l in levels]
-        self.pooler = LevelPooler(levels, pool_size, sampling_ratio, roi_align)
+        self.pooler = LevelPooler(levels, pool_size, sampling_ratio, roi_align, roi)
         self.multi_scale = multi_scale
         in_dim = channels * pool_size * pool_size
         if multi_scale:
@@ -229,11 +241,12 @@ class LocationSensitiveHead(nn.Module):
         fc_dim: int,
         multi_scale: bool,
         norm: Callable | None = None,
+        roi: RoIPoolConfig = RoIPoolConfig(),
     ):
         super().__init__()
         self.feature_names = [f"p{l}" for l in levels]
         self.thin = LargeSeparableConv(channels, mid_channels, alpha * p * p, k, norm)
-        self.pooler = LevelPooler(levels, p, sampling_ratio, ps_roi_align)
+        self.pooler = LevelPooler(levels, p, sampling_ratio, ps_roi_align, roi)
         self.multi_scale = multi_scale
         in_dim = alpha * p * p
         if multi_scale:

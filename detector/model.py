@@ -100,12 +100,9 @@ class Detector(GeneralizedRCNN):
 
 def build_rpn(config: ModelConfig) -> RegionProposalNetwork:
     r = config.rpn
-    strides = [2**l for l in config.levels]
-    sizes = r.anchors.sizes or [r.anchors.scale * s for s in strides]
-    anchors = CachedAnchorGenerator(
-        sizes=tuple((float(s),) for s in sizes), aspect_ratios=(tuple(r.anchors.aspect_ratios),) * len(sizes)
-    )
-    head = RPNHead(config.backbone.fpn_channels, len(r.anchors.aspect_ratios), conv_depth=r.convs)
+    sizes = r.anchors.level_sizes([2**l for l in config.levels])
+    anchors = CachedAnchorGenerator(sizes=tuple(sizes), aspect_ratios=(tuple(r.anchors.aspect_ratios),) * len(sizes))
+    head = RPNHead(config.backbone.fpn_channels, anchors.num_anchors_per_location()[0], conv_depth=r.convs)
     return RegionProposalNetwork(
         anchors,
         head,
@@ -123,7 +120,7 @@ def build_box_head(config: ModelConfig) -> nn.Module:
     b = config.box_head
     ch = config.backbone.fpn_channels
     if b.type == "two_fc":
-        return TwoFCHead(ch, config.roi_levels, b.pool_size, b.sampling_ratio, b.fc_width, b.multi_scale_roi)
+        return TwoFCHead(ch, config.roi_levels, b.pool_size, b.sampling_ratio, b.fc_width, b.multi_scale_roi, config.roi_pool)
     return LocationSensitiveHead(
         ch,
         config.roi_levels,
@@ -135,6 +132,7 @@ def build_box_head(config: ModelConfig) -> nn.Module:
         fc_dim=b.fc_width,
         multi_scale=b.multi_scale_roi,
         norm=head_norm(config),
+        roi=config.roi_pool,
     )
 
 
@@ -155,7 +153,7 @@ def build_roi_heads(
         )
     elif m.enabled:
         mask_kwargs = dict(
-            mask_roi_pool=LevelPooler(config.roi_levels, m.pool_size, m.sampling_ratio),
+            mask_roi_pool=LevelPooler(config.roi_levels, m.pool_size, m.sampling_ratio, roi=config.roi_pool),
             mask_head=MaskRCNNHeads(config.backbone.fpn_channels, [m.conv_dim] * m.num_convs, 1, norm_layer=head_norm(config)),
             mask_predictor=MaskRCNNPredictor(m.conv_dim, m.conv_dim, num_classes + 1),
             mask_feature_names=[f"p{l}" for l in config.roi_levels],

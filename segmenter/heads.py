@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detector.config import RoIPoolConfig
 from detector.heads import LevelPooler
 
 
@@ -51,12 +52,13 @@ class MaskBranch(nn.Module):
         fc_fusion: bool = False,
         fc_fusion_from: int = 3,
         norm: Callable[[int], nn.Module] | None = None,
+        roi: RoIPoolConfig = RoIPoolConfig(),
     ):
         super().__init__()
         if fc_fusion and not 1 <= fc_fusion_from <= num_convs:
             raise ValueError(f"fc_fusion_from={fc_fusion_from} must lie in 1..num_convs={num_convs}")
         self.levels = list(levels)
-        self.pooler = LevelPooler(levels, pool_size, sampling_ratio)
+        self.pooler = LevelPooler(levels, pool_size, sampling_ratio, roi=roi)
         self.multi_scale = multi_scale
         self.mask_size = 2 * pool_size
         if multi_scale:

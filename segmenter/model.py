@@ -67,6 +67,7 @@ def build_mask_branch(config: SegmenterConfig, num_classes: int) -> MaskBranch:
         fc_fusion=heavier,
         fc_fusion_from=m.fc_fusion_from,
         norm=norm,
+        roi=config.roi_pool,
     )
 
 

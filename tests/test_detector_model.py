@@ -96,6 +96,11 @@ SWITCHES = {
     "mask_head": dict(mask_head=dict(enabled=True, max_positives_per_image=4)),
     "mask_head_gn_lsd": dict(mask_head=dict(enabled=True), norm=dict(heads="gn"), box_head=dict(type="location_sensitive")),
     "explicit_anchors": dict(rpn=dict(anchors=dict(sizes=[8, 16, 32, 64, 128], aspect_ratios=[1.0]))),
+    "anchors_3_per_octave": dict(rpn=dict(anchors=dict(sizes=[8, 16, 32, 64, 128], scales_per_octave=3))),
+    "rpn_iou_thresholds": dict(rpn=dict(fg_iou_thresh=0.6, bg_iou_thresh=0.4)),
+    "canonical_scale_small_inputs": dict(roi_pool=dict(canonical_scale=36, canonical_level=4)),
+    "aligned_roi_align": dict(roi_pool=dict(aligned=True), mask_head=dict(enabled=True)),
+    "aligned_lsd_multi_scale": dict(roi_pool=dict(aligned=True), box_head=dict(type="location_sensitive", multi_scale_roi=True)),
     "multi_scale_training": dict(input=dict(train_sizes=[48, 56, 64])),
 }
 
@@ -244,3 +249,56 @@ def test_backbone_weights_from_a_local_file(tmp_path):
         build_detector(cfg, 3, backbone_weights=junk)
     with pytest.raises(BackboneError, match="no such"):
         build_detector(cfg, 3, backbone_weights=tmp_path / "none.pth")
+
+
+def test_level_mapping_follows_the_configured_canonical_scale():
+    """FPN's Eqn. 1: level = floor(k0 + log2(sqrt(wh) / s0)), clamped to the RoI levels."""
+    from detector.config import RoIPoolConfig
+
+    levels = [2, 3, 4, 5]
+    feats = [torch.full((1, 1, 256 // 2**l, 256 // 2**l), float(l)) for l in levels]  # boxes lie inside
+    sides = [8.0, 17.0, 20.0, 36.0, 40.0, 72.0, 80.0, 150.0]
+
+    def pooled_levels(roi: RoIPoolConfig) -> list[float]:
+        pooler = LevelPooler(levels, 2, 2, roi=roi)
+        boxes = [torch.tensor([[0.0, 0.0, s, s] for s in sides])]
+        return pooler(feats, boxes).mean(dim=(1, 2, 3)).tolist()
+
+    # FPN's 224 px at P4: everything under 112 px goes to P2, 150 px to P3.
+    assert pooled_levels(RoIPoolConfig()) == [2, 2, 2, 2, 2, 2, 2, 3]
+    # 36 px at P4 (224 scaled to 128 px inputs): 18 px one level down, 72 px one level up.
+    assert pooled_levels(RoIPoolConfig(canonical_scale=36)) == [2, 2, 3, 4, 4, 5, 5, 5]
+    assert pooled_levels(RoIPoolConfig(canonical_scale=36, canonical_level=3)) == [2, 2, 2, 3, 3, 4, 4, 5]
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+def test_level_pooler_matches_torchvision_roi_align(aligned):
+    """Both pooling paths (torchvision's op and the sparse channels-last product used at
+    inference) give torchvision's roi_align with the same `aligned`."""
+    from torchvision.ops import roi_align
+
+    from detector.config import RoIPoolConfig
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, 19, 23, generator=g)
+    xy = torch.rand(30, 2, generator=g) * 70 - 5
+    boxes = [torch.cat([xy[:15], xy[:15] + torch.rand(15, 2, generator=g) * 20], 1), torch.cat([xy[15:], xy[15:] + 0.4], 1)]
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
+    ref = roi_align(x, rois, 5, 0.25, 2, aligned=aligned)
+    pooler = LevelPooler([2], 5, 2, roi=RoIPoolConfig(aligned=aligned))
+    assert torch.allclose(pooler([x], boxes), ref, atol=1e-6)
+    pooler.sparse_cpu = True
+    with torch.no_grad():
+        got = pooler([x.contiguous(memory_format=torch.channels_last)], boxes)
+    assert torch.allclose(got, ref, atol=1e-4)
+    # aligned changes the numbers: the test would fail if the flag were ignored
+    assert not torch.allclose(ref, roi_align(x, rois, 5, 0.25, 2, aligned=not aligned), atol=1e-3)
+
+
+def test_anchor_scales_per_octave():
+    cfg = tiny(rpn=dict(anchors=dict(sizes=[8, 16, 32, 64, 128], scales_per_octave=2, aspect_ratios=[1.0])))
+    model = build_detector(cfg, 3)
+    assert model.rpn.anchor_generator.sizes[1] == pytest.approx((16.0, 16.0 * 2**0.5))
+    assert model.rpn.head.cls_logits.out_channels == 2
+    # default: one size per level, `scale` x the stride
+    assert tiny().rpn.anchors.level_sizes([4, 8]) == [(32.0,), (64.0,)]

@@ -25,6 +25,7 @@ SWITCHES = [
     dict(multi_scale_roi=True),
     dict(edge_loss="sobel", edge_weight=2.0),
     dict(type="heavier", multi_scale_roi=True, edge_loss="sobel"),
+    dict(pool_size=14),  # 28 x 28 masks
 ]
 
 
