@@ -200,3 +200,27 @@ def test_sparse_roi_align_equals_torchvision(ratio, out):
     got = roi_align_channels_last(x.contiguous(memory_format=torch.channels_last), rois, out, 0.2, ratio)
     assert got.shape == ref.shape
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-5)  # float rounding only
+
+
+def test_validation_scores_as_coco_does(synth_small, monkeypatch):
+    """The training validator keeps detections down to 0.001 (the top 100 an image), not the
+    model's own 0.05, so that early learning curves are not understated."""
+    import pipeline.evaluate
+    from detector.infer import EVAL_MAX_PER_IMAGE, EVAL_SCORE_THRESH, make_validator
+    from pipeline.coco import CocoIndex
+
+    index = CocoIndex.load(synth_small / "annotations.json")
+    # the model's own settings: score_thresh 0.05, 20 detections an image
+    cfg = _tiny(box_head=dict(type="two_fc", fc_dim=32, detections_per_img=20))
+    torch.manual_seed(0)
+    model = build_detector(cfg, index.categories.num_classes).eval()
+    with torch.no_grad():  # every foreground class scores about e^0 / (e^4 + 8) ~ 0.016 < 0.05
+        model.roi_heads.box_predictors[0].cls_score.bias[0] = 4.0
+    seen = {}
+    monkeypatch.setattr(pipeline.evaluate, "evaluate", lambda gt, table, iou_types: seen.setdefault("table", table) and {})
+    make_validator(synth_small / "annotations.json", synth_small / "images", index.categories)(model)
+    scores = seen["table"].column("score").to_numpy()
+    assert len(scores) and scores.max() < 0.05 and scores.min() >= EVAL_SCORE_THRESH
+    per_image = np.bincount(seen["table"].column("image_id").to_numpy())
+    assert per_image.max() == EVAL_MAX_PER_IMAGE  # cut at COCO's 100, not the model's own
+    assert (model.roi_heads.score_thresh, model.roi_heads.detections_per_img) == (0.05, 20)  # restored
