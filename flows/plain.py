@@ -23,11 +23,15 @@ def two_pass_plain(config: PipelineConfig, run_dir: str | Path, checkpoints: dic
     s = config.segmenter
     ck.setdefault(s.name, str(stages.resolve_model(run_dir, "segmenter", s, "segmenter", config.data, config.device)))
     shard_ids = stages.shards(config.data)
-    det = {d.name: [stages.detect_shard(run_dir, d, ck[d.name], config.data, ids, config.device) for ids in shard_ids] for d in config.detectors}
-    weights = [d.weight for d in config.detectors]
+    members = config.pass_one()
+    det = {
+        d.name: [stages.detect_shard(run_dir, d, ck[d.name], config.data, ids, config.device, kind=kind) for ids in shard_ids]
+        for kind, d in members
+    }
+    weights = [d.weight for _, d in members]
     fused, inst = [], []
     for k, ids in enumerate(shard_ids):
-        f = stages.fuse_shard(run_dir, config.fusion, [det[d.name][k] for d in config.detectors], weights, config.data, ids)
+        f = stages.fuse_shard(run_dir, config.fusion, [det[d.name][k] for _, d in members], weights, config.data, ids)
         fused.append(f)
         inst.append(stages.segment_shard(run_dir, s, ck[s.name], f, config.data, ids, config.device))
     merged = {name: stages.merge(run_dir, "detections", name, parts) for name, parts in det.items()}

@@ -183,11 +183,11 @@ def detect_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, ch
 def _submit_detect(T, config, run_dir, ckpts, shard_ids, shards: Shards) -> dict[str, list]:
     parts: dict[str, list] = {}
     n = len(shard_ids)
-    for d in config.detectors:
+    for kind, d in config.pass_one():
         parts[d.name] = [
             _submit(T, "detect_shard",
                     dict(run_dir=run_dir, spec=d, checkpoint=ckpts[d.name], data=config.data, ids=ids, device=config.device,
-                         shard=_shard_name(k, n)),
+                         shard=_shard_name(k, n), kind=kind),
                     f"detect {d.name} shard {k + 1}/{n} ({stages.shard_label(ids)})", shards)
             for k, ids in enumerate(shard_ids)
         ]  # fmt: skip
@@ -212,10 +212,10 @@ def fuse_flow(config: PipelineConfig | str, detections: dict[str, str], run_dir:
     shard by shard; returns the merged fused Parquet."""
     config, run_dir = _prepare(config, run_dir)
     T = tasks.bound(run_dir)
-    weights = {d.name: d.weight for d in config.detectors}
+    weights = {d.name: d.weight for _, d in config.pass_one()}
     unknown = sorted(set(detections) - set(weights))
     if unknown:
-        raise ValueError(f"fuse_flow: detections for {unknown}, which the config does not name (detectors: {sorted(weights)})")
+        raise ValueError(f"fuse_flow: detections for {unknown}, which the config does not name (pass one: {sorted(weights)})")
     with run_log(run_dir):
         shards = Shards()
         shard_ids = stages.shards(config.data)
@@ -328,11 +328,12 @@ def two_pass_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, 
         shards = Shards()
         det = _submit_detect(T, config, run_dir, ckpts, shard_ids, shards)
         det.pop("_shards")
-        weights = [d.weight for d in config.detectors]
+        members = [d for _, d in config.pass_one()]
+        weights = [d.weight for d in members]
         fused_f, inst_f = [], []
         s = config.segmenter
         for k, ids in enumerate(shard_ids):
-            inputs = [det[d.name][k] for d in config.detectors]
+            inputs = [det[d.name][k] for d in members]
             f = _submit(T, "fuse_shard",
                         dict(run_dir=run_dir, fusion=config.fusion, inputs=inputs, weights=weights, data=config.data, ids=ids,
                              shard=_shard_name(k, n)),
@@ -347,9 +348,8 @@ def two_pass_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, 
         _finish(shards, "two_pass_flow")
         paths = lambda futs: [f.result() for f in futs]  # noqa: E731
         merged_det = {}
-        for d in config.detectors:
+        for d in members:
             merged_det[d.name] = T.merge.submit(run_dir=run_dir, stage="detections", label=d.name, parts=paths(det[d.name])).result()
-            stages.publish(run_dir, merged_det[d.name], f"detections_{safe_name(d.name)}.parquet")
         fused = T.merge.submit(run_dir=run_dir, stage="fused", label="fused", parts=paths(fused_f)).result()
         instances = T.merge.submit(run_dir=run_dir, stage="instances", label=s.name, parts=paths(inst_f)).result()
         outputs = {

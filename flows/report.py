@@ -97,6 +97,10 @@ def build_report(
     lines.append(f"- fusion: **{f['method']}**, IoU threshold {f['iou_thr']}, at most {f['max_per_image']} boxes an image")
     s = config.segmenter
     lines.append(f"- segmenter **{s.name}**: mask views scales {s.tta.scales or 'model test size'}" + (" + mirror" if s.tta.flip else ""))
+    if s.own_boxes is not None:
+        o = s.own_boxes
+        views = f"scales {o.tta.scales or 'model test size'}" + (" + mirror" if o.tta.flip else "")
+        lines.append(f"- the segmenter's own boxes join the fusion: {views}, fusion weight {o.weight}")
     lines.append("")
     if metrics_path:
         metrics = read_json(metrics_path)

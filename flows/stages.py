@@ -319,13 +319,15 @@ class Planned:
     out: Path
 
 
-def detect_plan(run_dir, spec: DetectorSpec, checkpoint: str | Path, data: DataConfig, ids: Sequence[int], device: str) -> Planned:
+def detect_plan(
+    run_dir, spec: DetectorSpec, checkpoint: str | Path, data: DataConfig, ids: Sequence[int], device: str, kind: str = "detector"
+) -> Planned:
     from .models import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     views = views_of(spec, ckpt)
     key = key_of(
-        "detect",
+        "detect" if kind == "detector" else f"detect-{kind}",
         checkpoint=checkpoint_hash(ckpt),
         name=spec.name,
         views=[(v.scale, v.flip) for v in views],
@@ -339,22 +341,31 @@ def detect_plan(run_dir, spec: DetectorSpec, checkpoint: str | Path, data: DataC
 
 
 def detect_shard(
-    run_dir, spec: DetectorSpec, checkpoint: str | Path, data: DataConfig, ids: Sequence[int], device: str = "cpu", log: Log = None
+    run_dir,
+    spec: DetectorSpec,
+    checkpoint: str | Path,
+    data: DataConfig,
+    ids: Sequence[int],
+    device: str = "cpu",
+    log: Log = None,
+    kind: str = "detector",
 ) -> str:
-    """Detections of one detector (all its views) on one shard of images."""
+    """Detections of one model of pass one (all its views) on one shard of images. A
+    segmenter (kind "segmenter", `segmenter.own_boxes`) writes its own masks too: an
+    instances table, whose boxes fuse like any detector's."""
     from detector.infer import detect
     from pipeline.tables import TableMeta, write_table
 
     from .models import get_model, resolve_checkpoint
 
-    plan = detect_plan(run_dir, spec, checkpoint, data, ids, device)
+    plan = detect_plan(run_dir, spec, checkpoint, data, ids, device, kind)
     if plan.out.is_file():
         _say(log, f"detect {spec.name} {shard_label(ids)}: reused {plan.out.name}")
         return str(plan.out)
     t0 = time.perf_counter()
     ckpt = resolve_checkpoint(checkpoint)
     image_set = open_images(data)
-    loaded = get_model("detector", ckpt, checkpoint_hash(ckpt), device)
+    loaded = get_model(kind, ckpt, checkpoint_hash(ckpt), device)  # type: ignore[arg-type]
     categories = loaded.meta.categories
     expected = data_categories(data)
     if expected is not None:
@@ -372,10 +383,11 @@ def detect_shard(
             score_thresh=spec.score_thresh,
             max_per_image=spec.max_per_image,
             image_ids=list(ids),
+            with_masks=kind == "segmenter",
         )
     meta = TableMeta(
-        kind="detections",
-        producer=f"detector:{spec.name}",
+        kind="detections" if kind == "detector" else "instances",
+        producer=f"{kind}:{spec.name}",
         categories=categories,
         config=loaded.meta.config,
         dataset=str(data.ann or data.images_table or data.images),
@@ -667,7 +679,9 @@ def evaluate_stage(
         views = list((meta.extra or {}).get("views") or dict.fromkeys(table.column("source").to_pylist()))
         if views:
             first = table.filter(pc.equal(table.column("source"), views[0]))
-            rows.append(_row(f"detector {name}", f"one view ({views[0]})", path, evaluate(gt, first, iou_types=("bbox",))))
+            # a segmenter run end to end (segmenter.own_boxes) has its own masks: score them too
+            types = ("bbox", "segm") if "mask_counts" in table.column_names else ("bbox",)
+            rows.append(_row(f"detector {name}", f"one view ({views[0]})", path, evaluate(gt, first, iou_types=types)))
         if len(views) > 1:
             sizes = {int(i): image_set.size(i) for i in set(table.column("image_id").to_pylist())}
             tta = fuse([table], image_sizes=sizes, source=f"{name}:tta", **kwargs)

@@ -69,8 +69,8 @@ def train_model(run_dir: str, kind: str, spec, where: str, data, device: str = "
 
 
 @task(name="detect-shard", cache_key_fn=_key(stages.detect_plan), persist_result=True, task_run_name="detect-{spec.name}-{shard}")
-def detect_shard(run_dir: str, spec, checkpoint: str, data, ids: list[int], device: str = "cpu", shard: str = "") -> str:
-    return stages.detect_shard(run_dir, spec, checkpoint, data, ids, device, log=_log())
+def detect_shard(run_dir: str, spec, checkpoint: str, data, ids: list[int], device: str = "cpu", shard: str = "", kind: str = "detector") -> str:
+    return stages.detect_shard(run_dir, spec, checkpoint, data, ids, device, log=_log(), kind=kind)
 
 
 @task(name="fuse-shard", cache_key_fn=_key(stages.fuse_plan), persist_result=True, task_run_name="fuse-{shard}")

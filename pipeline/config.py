@@ -112,11 +112,22 @@ class DetectorSpec(_ModelSpec):
     weight: float = Field(1.0, gt=0, description="Fusion weight of this detector (all its views).")
 
 
+class OwnBoxesSpec(_Strict):
+    """The segmenter run end to end as one more model of pass one: its own boxes join the
+    fusion, and its own masks (first view) are scored beside the two-pass masks."""
+
+    weight: float = Field(1.0, gt=0, description="Fusion weight of the segmenter's boxes (all its views).")
+    tta: TTAConfig = Field(TTAConfig(), description="Views of the segmenter as a detector (pass two's views are `segmenter.tta`).")
+
+
 class SegmenterSpec(_ModelSpec):
     name: str = Field("segmenter", pattern=NAME_PATTERN)
     mask_thresh: float = Field(0.5, gt=0, lt=1)
     skip_invalid: bool = Field(
         True, description="Drop (and count) boxes the segmenter cannot take instead of failing the shard."
+    )
+    own_boxes: OwnBoxesSpec | None = Field(
+        None, description="Also fuse the segmenter's own boxes in pass one (None: only the detectors' boxes)."
     )
 
 
@@ -176,6 +187,16 @@ class PipelineConfig(_Strict):
         if self.segmenter.name in names:
             raise ValueError(f"segmenter name {self.segmenter.name!r} is also a detector's name")
         return self
+
+    def pass_one(self) -> list[tuple[Literal["detector", "segmenter"], DetectorSpec]]:
+        """(kind, spec) of every model whose boxes pass one fuses: the detectors, then the
+        segmenter as a detector when `segmenter.own_boxes` is set."""
+        members: list[tuple[Literal["detector", "segmenter"], DetectorSpec]] = [("detector", d) for d in self.detectors]
+        s = self.segmenter
+        if s.own_boxes is not None:
+            spec = DetectorSpec(name=s.name, model=s.model, checkpoint=s.checkpoint, train=s.train, tta=s.own_boxes.tta, weight=s.own_boxes.weight)
+            members.append(("segmenter", spec))
+        return members
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

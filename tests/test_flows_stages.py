@@ -188,3 +188,34 @@ def test_merge_evaluate_and_report(synth_small, ckpts, tmp_path):
     inline = report.build_report(run, cfg, metrics_path, {}, pictures, inline_pictures=True)
     assert "data:image/jpeg;base64," in inline
     assert "final masks" in stages.format_ap_table(rows)
+
+
+def test_segmenter_own_boxes_join_the_fusion(synth_small, ckpts, tmp_path):
+    """`segmenter.own_boxes`: the segmenter runs as a third member of pass one, its boxes are
+    fused with the detectors' at their weight, and its own masks are scored beside them."""
+    from flows.plain import two_pass_plain
+    from pipeline.tables import read_table
+
+    cfg = config(synth_small, ckpts, segmenter={"own_boxes": {"weight": 2.0, "tta": {"scales": [64]}}})
+    assert [(kind, d.name, d.weight) for kind, d in cfg.pass_one()] == [
+        ("detector", "a", 1.0), ("detector", "b", 1.0), ("segmenter", "seg", 2.0)]  # fmt: skip
+    run = tmp_path / "run"
+    out = two_pass_plain(cfg, run)
+    assert set(out["detections"]) == {"a", "b", "seg"}
+    own, meta = read_table(out["detections"]["seg"], "instances")
+    assert own.num_rows > 0 and meta.producer == "segmenter:seg" and set(own.column("source").to_pylist()) == {"seg@64"}
+    # the run fused the three members' files at weights 1, 1, 2: the same fusion, asked again,
+    # is the same key (so the same file, reused), and it is not the detectors' alone
+    ids = stages.shards(cfg.data)[0]
+    inputs = [stages.detect_shard(run, d, str(ckpts[d.name]), cfg.data, ids, kind=kind) for kind, d in cfg.pass_one()]
+    before = counts(run)
+    three = stages.fuse_shard(run, cfg.fusion, inputs, [1.0, 1.0, 2.0], cfg.data, ids)
+    assert counts(run) == before  # nothing recomputed: the run made exactly this file
+    fused, _ = read_table(out["fused"], "detections")
+    assert read_table(three, "detections")[0].num_rows > 0 and fused.num_rows > 0
+    two = stages.fuse_plan(run, cfg.fusion, inputs[:2], [1.0, 1.0], cfg.data, ids).out
+    assert Path(three) != two
+    metrics = json.loads(Path(out["metrics"]).read_text())
+    row = next(r for r in metrics["stages"] if r["stage"] == "detector seg")
+    assert "segm" in row and "bbox" in row  # its own masks are scored
+    assert "segm" not in next(r for r in metrics["stages"] if r["stage"] == "detector a")
