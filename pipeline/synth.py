@@ -90,9 +90,14 @@ def _shape_mask(cat: str, size: int, rng: np.random.Generator, level: "Difficult
 def _texture(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     """Float32[h, w, 3] in [0, 1]: flat, striped, checked or graded colour, with grain."""
     c1, c2 = rng.uniform(0, 1, 3).astype(np.float32), rng.uniform(0, 1, 3).astype(np.float32)
+    return _pattern(h, w, rng, c1, c2, grain=0.03)
+
+
+def _pattern(h: int, w: int, rng: np.random.Generator, c1: np.ndarray, c2: np.ndarray, grain: float) -> np.ndarray:
+    """Float32[h, w, 3]: colour c1 with grain, or stripes, checks or a gradient from c1 to c2."""
     kind = rng.integers(4)
     if kind == 0:
-        return c1 + rng.normal(0, 0.03, (h, w, 1)).astype(np.float32)
+        return c1 + rng.normal(0, grain, (h, w, 1)).astype(np.float32)
     theta = rng.uniform(0, np.pi)
     yy, xx = np.ogrid[0:h, 0:w]
     u = (xx * math.cos(theta) + yy * math.sin(theta)).astype(np.float32)
@@ -107,23 +112,33 @@ def _texture(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     return c1 * (1 - t[..., None]) + c2 * t[..., None]
 
 
-def _background(size: int, rng: np.random.Generator) -> np.ndarray:
-    """Float[S, S, 3]: smooth coloured noise plus unlabelled clutter (lines and blobs)."""
-    low = rng.uniform(0, 1, (4, 4, 3)).astype(np.float32)
-    bg = np.asarray(Image.fromarray((low * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), np.float32) / 255
-    im = Image.fromarray((bg * 255).astype(np.uint8))
+def _clutter(im: Image.Image, rng: np.random.Generator, colour: Callable[[], tuple[int, ...]]) -> np.ndarray:
+    """Float[S, S, 3]: `im` with unlabelled clutter drawn on it, thin lines (edges that are no
+    object's) and irregular blobs, each in `colour()`."""
+    size = im.width
     draw = ImageDraw.Draw(im)
-    for _ in range(rng.integers(3, 10)):  # thin lines: edges that are no object's
+    for _ in range(rng.integers(3, 10)):
         xy = rng.uniform(0, size, 4)
-        draw.line(tuple(xy), fill=tuple(int(v) for v in rng.integers(0, 256, 3)), width=int(rng.integers(1, 4)))
-    for _ in range(rng.integers(2, 7)):  # irregular blobs: object-like colour and texture, no label
+        draw.line(tuple(xy), fill=colour(), width=int(rng.integers(1, 4)))
+    for _ in range(rng.integers(2, 7)):
         c = rng.uniform(0, size, 2)
         k = int(rng.integers(5, 9))
         t = np.sort(rng.uniform(0, 2 * np.pi, k))
         rad = rng.uniform(0.02, 0.12) * size * rng.uniform(0.4, 1.0, k)
         pts = [(float(c[0] + r * math.cos(a)), float(c[1] + r * math.sin(a))) for r, a in zip(rad, t)]
-        draw.polygon(pts, fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        draw.polygon(pts, fill=colour())
     return np.array(im, np.float32) / 255
+
+
+def _smooth(low: np.ndarray, size: int) -> np.ndarray:
+    """Float[S, S, 3]: a Float[4, 4, 3] grid of colours in [0, 1], bicubically enlarged."""
+    return np.asarray(Image.fromarray((low * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), np.float32) / 255
+
+
+def _background(size: int, rng: np.random.Generator) -> np.ndarray:
+    """Float[S, S, 3]: smooth coloured noise plus clutter in random colours (object-like, no label)."""
+    bg = _smooth(rng.uniform(0, 1, (4, 4, 3)).astype(np.float32), size)
+    return _clutter(Image.fromarray((bg * 255).astype(np.uint8)), rng, lambda: tuple(int(v) for v in rng.integers(0, 256, 3)))
 
 
 def _calm_background(size: int, rng: np.random.Generator, clutter: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -132,25 +147,14 @@ def _calm_background(size: int, rng: np.random.Generator, clutter: bool) -> tupl
     object's, but never an object's colour or texture)."""
     grey = rng.uniform(0.25, 0.75)
     base = (0.7 * grey + 0.3 * rng.uniform(0, 1, 3)).astype(np.float32)
-    low = np.clip(base + rng.normal(0, 0.05, (4, 4, 3)), 0, 1).astype(np.float32)
-    bg = np.asarray(Image.fromarray((low * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC), np.float32) / 255
+    bg = _smooth(np.clip(base + rng.normal(0, 0.05, (4, 4, 3)), 0, 1).astype(np.float32), size)
     if not clutter:
         return bg, base
-    im = Image.fromarray((bg * 255).astype(np.uint8))
-    draw = ImageDraw.Draw(im)
 
     def shade() -> tuple[int, ...]:
         return tuple(int(v) for v in np.clip((base + rng.uniform(-0.15, 0.15, 3)) * 255, 0, 255))
 
-    for _ in range(rng.integers(3, 10)):
-        draw.line(tuple(rng.uniform(0, size, 4)), fill=shade(), width=int(rng.integers(1, 4)))
-    for _ in range(rng.integers(2, 7)):
-        c = rng.uniform(0, size, 2)
-        k = int(rng.integers(5, 9))
-        t = np.sort(rng.uniform(0, 2 * np.pi, k))
-        rad = rng.uniform(0.02, 0.12) * size * rng.uniform(0.4, 1.0, k)
-        draw.polygon([(float(c[0] + r * math.cos(a)), float(c[1] + r * math.sin(a))) for r, a in zip(rad, t)], fill=shade())
-    return np.array(im, np.float32) / 255, base
+    return _clutter(Image.fromarray((bg * 255).astype(np.uint8)), rng, shade), base
 
 
 def _object_colour(base: np.ndarray, rng: np.random.Generator, min_distance: float = 0.45) -> np.ndarray:
@@ -170,21 +174,7 @@ def _coherent_texture(h: int, w: int, rng: np.random.Generator, base: np.ndarray
     or graded between two close shades of it), with grain."""
     c1 = _object_colour(base, rng)
     c2 = np.clip(c1 + rng.uniform(-0.15, 0.15, 3), 0, 1).astype(np.float32)
-    kind = rng.integers(4)
-    if kind == 0:
-        return c1 + rng.normal(0, 0.02, (h, w, 1)).astype(np.float32)
-    theta = rng.uniform(0, np.pi)
-    yy, xx = np.ogrid[0:h, 0:w]
-    u = (xx * math.cos(theta) + yy * math.sin(theta)).astype(np.float32)
-    if kind == 1:
-        t = (np.sin(u * (2 * np.pi / rng.uniform(4, 14))) > 0).astype(np.float32)
-    elif kind == 2:
-        p = rng.uniform(4, 12)
-        v = (-xx * math.sin(theta) + yy * math.cos(theta)).astype(np.float32)
-        t = ((np.floor(u / p) + np.floor(v / p)) % 2).astype(np.float32)
-    else:
-        t = (u - u.min()) / max(float(np.ptp(u)), 1e-6)
-    return c1 * (1 - t[..., None]) + c2 * t[..., None]
+    return _pattern(h, w, rng, c1, c2, grain=0.02)
 
 
 def _flat_colour(h: int, w: int, rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
