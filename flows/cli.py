@@ -241,23 +241,24 @@ def example_config_cmd(
 
 def demo(
     out: Annotated[Path, typer.Option(help="Run folder: data, models, outputs, report.md, Prefect's home.")] = Path("runs/demo"),
-    train_images: Annotated[int, typer.Option(help="Synthetic training images.")] = 300,
+    train_images: Annotated[int, typer.Option(help="Synthetic training images.")] = 1000,
     val_images: Annotated[int, typer.Option(help="Synthetic validation images (pass one and two run on these).")] = 50,
-    budget: Annotated[float, typer.Option(help="Training time budget per model, seconds.")] = 180.0,
+    budget: Annotated[float, typer.Option(help="Training time of the three models together, seconds.")] = 540.0,
     task_runner: RunnerOpt = "threads",
     workers: WorkersOpt = None,
     dask_address: DaskOpt = None,
 ) -> None:
     """The main job: synthetic data, two detectors and a segmenter, the two-pass flow, AP table, report.
 
-    Generates the synthetic shapes set, trains two small detectors and one segmenter on a time
-    budget each (train_flow), runs two_pass_flow on Prefect's embedded server, and prints the AP
-    of each detector, the fused boxes and the final masks; report.md and pictures go to --out.
+    Generates the synthetic shapes set (`standard` difficulty), trains two small detectors and
+    one segmenter within a share of the time budget each (train_flow), runs two_pass_flow on
+    Prefect's embedded server (the segmenter's own boxes fused with the detectors'), and prints
+    the AP of each model, the fused boxes and the final masks; report.md and pictures go to --out.
     """
     from pipeline.cli import _progress
     from pipeline.config import write_pipeline_config
     from pipeline.fileio import read_json
-    from pipeline.synth import generate
+    from pipeline.synth import description, generate
 
     from .demo import SIZE, demo_config
     from .env import configure
@@ -268,8 +269,8 @@ def demo(
     data = out / "data"
     for split, n, seed in (("train", train_images, 0), ("val", val_images, 1)):
         ann = data / split / "annotations.json"
-        if ann.is_file() and len(read_json(ann)["images"]) == n:
-            continue  # image i depends only on (seed, i): what is there is what would be made
+        if ann.is_file() and read_json(ann).get("info", {}).get("description") == description(n, SIZE, seed):
+            continue  # image i depends only on (seed, i, level): what is there is what would be made
         with _progress() as bar:
             task = bar.add_task(f"synth {split}", total=n)
             generate(data / split, n, SIZE, seed, progress=lambda k: bar.update(task, completed=k))
