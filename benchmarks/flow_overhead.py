@@ -42,7 +42,7 @@ def main() -> None:
 
     configure(work)  # Prefect's home in the work folder (a new database), passive OpenMP waits
 
-    from flows.demo import SEGMENTER, SHUFFLE_LSD, R18_FPN, demo_config
+    from flows.demo import demo_config
     from pipeline.coco import CocoIndex
     from pipeline.synth import generate
 
@@ -51,23 +51,24 @@ def main() -> None:
     if not (data / "val" / "annotations.json").is_file():
         generate(data / "val", args.images, 128, seed=1)
     categories = CocoIndex.load(data / "val" / "annotations.json").categories
-    ckpts = {}
-    for name, kind, model in (("r18_fpn", "detector", R18_FPN), ("shufflev2_lsd", "detector", SHUFFLE_LSD), ("r18_seg", "segmenter", SEGMENTER)):
-        ckpts[name] = str(_random_checkpoint(work / "models" / name, kind, model, categories))
     base = demo_config(data, shard_size=args.shard_size)
+    ckpts = {}
+    for kind, spec in [("detector", d) for d in base.detectors] + [("segmenter", base.segmenter)]:
+        ckpts[spec.name] = str(_random_checkpoint(work / "models" / spec.name, kind, spec.model, categories))
     cfg = base.model_copy(update={
         "data": base.data.model_copy(update={"train_ann": None, "train_images": None}),
         "detectors": [d.model_copy(update={"checkpoint": ckpts[d.name]}) for d in base.detectors],
-        "segmenter": base.segmenter.model_copy(update={"checkpoint": ckpts["r18_seg"]}),
+        "segmenter": base.segmenter.model_copy(update={"checkpoint": ckpts[base.segmenter.name]}),
     })  # fmt: skip
 
     from flows import models, stages
     from flows.plain import two_pass_plain
 
     n_shards = len(stages.shards(cfg.data))
-    n_tasks = n_shards * (len(cfg.detectors) + 2)  # detect per detector, fuse, segment
+    members = len(cfg.pass_one())
+    n_tasks = n_shards * (members + 2)  # detect per member of pass one, fuse, segment
     print(f"{args.images} images of 128 px in {n_shards} shards of {args.shard_size}: {n_tasks} shard tasks, "
-          f"{len(cfg.detectors) + 2} merges, 1 evaluation; {len(cfg.detectors)} detectors x 4 views, segmenter x 2 views")  # fmt: skip
+          f"{members + 2} merges, 1 evaluation; {members} models x 4 views in pass one, segmenter x 2 views")  # fmt: skip
     print(f"torch threads: {_torch_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 
     # Warm-up (imports, first-call costs of torch and the models), not timed.

@@ -172,6 +172,13 @@ def test_train_flow_trains_once_then_two_pass_finds_the_models(harness, synth_sm
     result = two_pass_flow(cfg, str(run))
     assert counts(run) == {"train": 3, "detect": 2, "fuse": 1, "segment": 1, "merge": 4}
     assert result["table"] == [] and "Not evaluated: `evaluation.enabled` is false" in Path(result["report"]).read_text()
+    # the segmenter's own boxes as a third member: only its detection, the fusion, pass two
+    # and their merges run; the detectors' shards are reused
+    n = ledger_len(run)
+    own = config(synth_small, None, shard_size=8, evaluation={"enabled": False, "overlays": 0}, segmenter={"own_boxes": {}})
+    result = two_pass_flow(own, str(run))
+    assert set(result["detections"]) == {"a", "b", "seg"}
+    assert counts(run, since=n) == {"detect": 1, "fuse": 1, "segment": 1, "merge": 3}
 
 
 def test_dask_task_runner_gives_the_same_files(harness, synth_small, ckpts, tmp_path):
