@@ -77,6 +77,11 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _views(tta) -> str:
+    """A model's test-time views in words: `scales [128, 160] + mirror`."""
+    return f"scales {tta.scales or 'model test size'}" + (" + mirror" if tta.flip else "")
+
+
 def build_report(
     run_dir: str | Path,
     config: PipelineConfig,
@@ -91,16 +96,13 @@ def build_report(
     lines += ["## Setup", ""]
     lines.append(f"- images: `{config.data.images}`" + (f" ({config.data.ann})" if config.data.ann else ""))
     for d in config.detectors:
-        views = f"scales {d.tta.scales or 'model test size'}" + (" + mirror" if d.tta.flip else "")
-        lines.append(f"- detector **{d.name}**: {views}, fusion weight {d.weight}")
+        lines.append(f"- detector **{d.name}**: {_views(d.tta)}, fusion weight {d.weight}")
     f = config.fusion.fuse_kwargs()
     lines.append(f"- fusion: **{f['method']}**, IoU threshold {f['iou_thr']}, at most {f['max_per_image']} boxes an image")
     s = config.segmenter
-    lines.append(f"- segmenter **{s.name}**: mask views scales {s.tta.scales or 'model test size'}" + (" + mirror" if s.tta.flip else ""))
+    lines.append(f"- segmenter **{s.name}**: mask views {_views(s.tta)}")
     if s.own_boxes is not None:
-        o = s.own_boxes
-        views = f"scales {o.tta.scales or 'model test size'}" + (" + mirror" if o.tta.flip else "")
-        lines.append(f"- the segmenter's own boxes join the fusion: {views}, fusion weight {o.weight}")
+        lines.append(f"- the segmenter's own boxes join the fusion: {_views(s.own_boxes.tta)}, fusion weight {s.own_boxes.weight}")
     lines.append("")
     if metrics_path:
         metrics = read_json(metrics_path)
