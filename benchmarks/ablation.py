@@ -31,7 +31,7 @@ Rows (reference row in brackets; deltas are paired per seed, then averaged):
              full Location Sensitive Header [baseline]; the same on ShuffleNetV2 [full header];
              + global context [ShuffleNetV2]. Box AP from the segmenter's own detections.
              The LSD and the full header again with the LSD at Light-Head R-CNN's small width
-             (`*_m64a10`: C_mid 64, alpha 10, as METHOD.md) [baseline]: the preset's C_mid 16,
+             (`*_m64a10`: C_mid 64, alpha 10, as docs/method.md §6) [baseline]: the preset's C_mid 16,
              alpha 4 is a speed choice, and at 1500 iterations it cost box AP.
   header_gt  the same segmenters' masks on ground-truth boxes, same references: the mask heads
              compared without their boxes' errors (no training of their own).
@@ -44,7 +44,7 @@ Rows (reference row in brackets; deltas are paired per seed, then averaged):
   detection  single detector (LSD); + Soft-NMS (replacing NMS, `rescore=True`); + TTA
              (views merged by Soft-NMS); + ensemble of the 3 detectors with TTA, WBF and Soft-NMS.
 
-Every evaluation keeps score > 0.001 and the top 100 per image (COCO practice, METHOD.md).
+Every evaluation keeps score > 0.001 and the top 100 per image (COCO practice, docs/method.md §15).
 
 Resuming. Everything lives under DIR, named by a content key (model config, schedule, data,
 seed, evaluation settings): DIR/models/seed<k>/<model>-<key>/ holds a training run (the
@@ -79,9 +79,11 @@ from dataclasses import asdict, dataclass, field, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
+from twopass.pipeline.settings import DETECT  # noqa: E402
+
 VERSION = 1  # bump when a row's meaning changes: old row files are then not reused
-SCORE_THRESH = 0.001
-MAX_PER_IMAGE = 100
+SCORE_THRESH = DETECT.score_thresh  # COCO practice, pass one's defaults
+MAX_PER_IMAGE = DETECT.max_per_image
 RAW_PER_VIEW = 300  # boxes a view keeps when Soft-NMS replaces the model's NMS
 BASE_PRESET = "r18_lsd_cpu"
 SHUFFLE_PRESET = "shufflev2_lsd_cpu"
@@ -148,7 +150,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 def base_dict(budget: Budget) -> dict:
     """The baseline: `configs/r18_lsd_cpu.yaml` with every slide switch off and the budget's schedule."""
-    from detector.config import load_config
+    from twopass.detector.config import load_config
 
     d = load_config(BASE_PRESET).to_dict()
     return _merge(
@@ -163,13 +165,13 @@ def base_dict(budget: Budget) -> dict:
 
 
 def shufflenet_backbone() -> dict:
-    from detector.config import load_config
+    from twopass.detector.config import load_config
 
     return {"backbone": load_config(SHUFFLE_PRESET).to_dict()["backbone"]}
 
 
 LSD = {"box_head": {"type": "location_sensitive"}}
-# The Location Sensitive Detector at Light-Head R-CNN's small width (METHOD.md: C_mid 64,
+# The Location Sensitive Detector at Light-Head R-CNN's small width (docs/method.md §6: C_mid 64,
 # alpha 10, a 490-d RoI feature) instead of the CPU preset's C_mid 16, alpha 4 (196-d; chosen
 # for speed: at this width a CPU iteration takes 1.5x as long for the LSD alone, 1.8x for the
 # full header, 1 thread): at 1500 iterations the preset's width cost box AP.
@@ -209,15 +211,11 @@ def model_config(name: str, budget: Budget):
     kind, switches = MODELS[name]
     d = _merge(base_dict(budget), switches())
     d["name"] = name
-    if kind == "segmenter":
-        from segmenter.config import segmenter_config_from_dict
+    if kind == "detector":  # the detector's MaskHeadConfig has no segmenter switches
+        d["mask_head"] = {k: v for k, v in d["mask_head"].items() if k not in ("type", "multi_scale_roi", "edge_loss", "edge_weight")}
+    from twopass.segmenter.two_pass import KINDS
 
-        return kind, segmenter_config_from_dict(d, f"ablation model {name}")
-    from detector.config import config_from_dict
-
-    # the detector's MaskHeadConfig has no segmenter switches
-    d["mask_head"] = {k: v for k, v in d["mask_head"].items() if k not in ("type", "multi_scale_roi", "edge_loss", "edge_weight")}
-    return kind, config_from_dict(d, f"ablation model {name}")
+    return kind, KINDS[kind].config(d, f"ablation model {name}")
 
 
 # --------------------------------------------------------------------------- rows
@@ -349,7 +347,7 @@ def _jsonl_train_stats(path: Path, iters: int) -> tuple[float, float]:
 def prune_checkpoints(run: Path) -> None:
     """Delete every checkpoint of a finished run but the last (about 130 MB each for the
     `*_cpu` presets with optimizer state); `last.json` names the one kept."""
-    from detector.checkpoint import resolve
+    from twopass.detector.checkpoint import resolve
 
     last = resolve(run)
     for p in last.parent.glob("iter_*"):
@@ -393,8 +391,8 @@ class Ablation:
     # ----------------------------------------------------------------- data
 
     def prepare_data(self) -> None:
-        from pipeline.coco import CocoIndex
-        from pipeline.synth import generate
+        from twopass.pipeline.coco import CocoIndex
+        from twopass.pipeline.synth import generate
 
         b = self.budget
         self.train_dir = self.out / "data" / f"train-{b.train_images}x{b.image_size}-{b.difficulty}-seed0"
@@ -425,7 +423,7 @@ class Ablation:
         return self._cfg_cache[name]
 
     def model_key(self, name: str, seed: int) -> str:
-        from pipeline.fileio import stable_hash
+        from twopass.pipeline.fileio import stable_hash
 
         kind, cfg = self.config(name)
         b = self.budget
@@ -435,19 +433,18 @@ class Ablation:
         return self.out / "models" / f"seed{seed}" / f"{name}-{self.model_key(name, seed)}"
 
     def model_done(self, name: str, seed: int) -> dict | None:
-        from pipeline.fileio import read_json
+        from twopass.pipeline.fileio import read_json
 
         p = self.run_dir(name, seed) / "done.json"
         return read_json(p) if p.is_file() else None
 
     def ensure_trained(self, name: str, seed: int) -> dict:
         """Train (or finish training) a model; returns its done.json record."""
-        import torch
-
-        from detector.checkpoint import last_meta
-        from detector.train import TrainOptions, train
-        from pipeline.coco import CocoDataset
-        from pipeline.fileio import write_json
+        from twopass.detector.api import train_model
+        from twopass.detector.checkpoint import last_meta
+        from twopass.detector.train import TrainOptions
+        from twopass.pipeline.fileio import write_json
+        from twopass.segmenter.two_pass import KINDS
 
         done = self.model_done(name, seed)
         if done is not None:
@@ -461,24 +458,13 @@ class Ablation:
             start = 0 if meta is None else meta.iteration
             self.log(f"  train {name} (seed {seed}): {b.iters} iterations, batch {b.batch}"
                      + (f", resuming at {start}" if start else "") + f" -> {run}")
-            dataset = CocoDataset(self.train_dir / "annotations.json", self.train_dir / "images", with_masks=cfg.mask_head.enabled)
-            torch.manual_seed(seed)
-            if kind == "segmenter":
-                from segmenter.model import build_segmenter
-
-                model = build_segmenter(cfg, dataset.categories.num_classes)
-            else:
-                from detector.model import build_detector
-
-                model = build_detector(cfg, dataset.categories.num_classes)
             options = TrainOptions(
                 out=run, iters=b.iters, batch=b.batch, device=self.device, resume=True,
                 checkpoint_every=b.checkpoint_every, seed=seed, progress=sys.stdout.isatty(),
             )  # fmt: skip
-            result = train(model, dataset, options, cfg.train, kind=kind, config=cfg.to_dict(), categories=dataset.categories)
+            result = train_model(KINDS[kind], cfg, self.train_dir / "annotations.json", self.train_dir / "images", options)
             if result.iteration < b.iters or result.checkpoint is None:
                 raise RuntimeError(f"{run}: training stopped at iteration {result.iteration} of {b.iters}")
-            del model
             self.stats["models_trained"] += 1
             self._train_walls.append(time.perf_counter() - t0)
         train_s, s_iter = _jsonl_train_stats(run / "metrics.jsonl", b.iters)
@@ -492,21 +478,19 @@ class Ablation:
     def model(self, name: str, seed: int):
         """(model optimised for inference, checkpoint meta), trained if needed, cached per seed."""
         if name not in self._models:
-            from detector.checkpoint import load_detector
-            from detector.speed import optimize_for_inference
-            from segmenter.model import load_segmenter
+            from twopass.detector.api import load_for_inference
+            from twopass.segmenter.two_pass import KINDS
 
             self.ensure_trained(name, seed)
             kind, _ = self.config(name)
-            load = load_segmenter if kind == "segmenter" else load_detector
-            model, meta = load(self.run_dir(name, seed), self.device)
-            self._models[name] = (optimize_for_inference(model), meta)
+            loaded = load_for_inference(KINDS[kind], self.run_dir(name, seed), self.device)
+            self._models[name] = (loaded.model, loaded.meta)
         return self._models[name]
 
     # ----------------------------------------------------------------- inference
 
     def views(self, which: str):
-        from detector.infer import make_views
+        from twopass.detector.infer import make_views
 
         if which == "single":
             return None  # the model's own test size
@@ -516,7 +500,7 @@ class Ablation:
 
     def detections(self, name: str, seed: int, views: str, raw: bool):
         """Detections of a model on the val set, cached per seed. raw: NMS off (for Soft-NMS)."""
-        from detector.infer import detect
+        from twopass.detector.infer import detect
 
         key = (name, views, raw)
         if key not in self._dets:
@@ -532,10 +516,10 @@ class Ablation:
 
     def evaluate_row(self, row: Row, seed: int):
         """The row's results table (detections or instances) on the val set."""
-        from detector.infer import detect
-        from ensemble import fuse
-        from pipeline.tables import from_coco_results
-        from segmenter.infer import segment
+        from twopass.detector.infer import detect
+        from twopass.ensemble import fuse
+        from twopass.pipeline.tables import from_coco_results
+        from twopass.segmenter.infer import segment
 
         a = row.args
         if row.run == "own":
@@ -568,7 +552,7 @@ class Ablation:
         else:
             raise ValueError(f"row {row.name}: unknown recipe {row.run!r}")
         if mask_views is None:
-            from detector.infer import View
+            from twopass.detector.infer import View
 
             mask_views = [View(seg.config.input.test_size)]
         instances, _ = segment(seg, meta.categories, self.val_images, boxes, mask_views, device=self.device)
@@ -577,7 +561,7 @@ class Ablation:
     # ----------------------------------------------------------------- rows
 
     def row_key(self, row: Row, seed: int) -> str:
-        from pipeline.fileio import stable_hash
+        from twopass.pipeline.fileio import stable_hash
 
         b = self.budget
         return stable_hash({
@@ -592,7 +576,7 @@ class Ablation:
 
     def row_result(self, row: Row, seed: int) -> dict | None:
         """The finished result of (row, seed) if it matches the current key."""
-        from pipeline.fileio import read_json
+        from twopass.pipeline.fileio import read_json
 
         p = self.row_path(row, seed)
         if not p.is_file():
@@ -604,9 +588,9 @@ class Ablation:
         return r if r.get("key") == self.row_key(row, seed) else None
 
     def compute_row(self, row: Row, seed: int) -> dict:
-        from pipeline.evaluate import evaluate
-        from pipeline.fileio import write_json
-        from pipeline.tables import TableMeta, write_table
+        from twopass.pipeline.evaluate import evaluate
+        from twopass.pipeline.fileio import write_json
+        from twopass.pipeline.tables import TableMeta, write_table
 
         self.stats["models_reused"] += sum(self.model_done(m, seed) is not None for m in row.models)
         trained = {m: self.ensure_trained(m, seed) for m in row.models}
@@ -635,9 +619,9 @@ class Ablation:
                            title: str = "full header", top: int = 10) -> Path | None:  # fmt: skip
         """DIR/<name>: ground truth | baseline | `title` (`rows`) masks on one val image (the one with
         most objects among the first 10), the `top` best-scoring results each."""
-        from pipeline.fileio import atomic_path
-        from pipeline.tables import read_table
-        from pipeline.visualize import best_per_image, render_image
+        from twopass.pipeline.fileio import atomic_path
+        from twopass.pipeline.tables import read_table
+        from twopass.pipeline.visualize import best_per_image, render_image
 
         if not all(r in ROW_BY_NAME and self.row_result(ROW_BY_NAME[r], seed) for r in rows):
             return None
@@ -668,12 +652,12 @@ class Ablation:
         return t + (statistics.mean(eval_walls) * len(pending) if pending else 0.0)
 
     def _done_records(self) -> list[dict]:
-        from pipeline.fileio import read_json
+        from twopass.pipeline.fileio import read_json
 
         return [read_json(p) for p in (self.out / "models").glob("seed*/*/done.json")]
 
     def _row_records(self) -> list[dict]:
-        from pipeline.fileio import read_json
+        from twopass.pipeline.fileio import read_json
 
         return [read_json(p) for p in (self.out / "rows").glob("*/seed*.json")]
 
@@ -757,7 +741,7 @@ class Ablation:
         return out
 
     def write_results(self) -> dict:
-        from pipeline.fileio import atomic_path, write_json
+        from twopass.pipeline.fileio import atomic_path, write_json
 
         rows = self.aggregate()
         by = {r["row"]: r for r in rows}

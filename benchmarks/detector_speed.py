@@ -34,9 +34,9 @@ import time  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from detector.config import load_config  # noqa: E402
-from detector.model import build_detector  # noqa: E402
-from detector.speed import optimize_for_inference  # noqa: E402
+from twopass.detector.config import load_config  # noqa: E402
+from twopass.detector.model import build_detector  # noqa: E402
+from twopass.detector.speed import optimize_for_inference  # noqa: E402
 
 H, W = 800, 1216
 

@@ -1,5 +1,5 @@
 """What Prefect costs: two_pass_flow on the embedded server versus the same stage functions
-called directly (`flows.plain.two_pass_plain`), on the same small data and models.
+called directly (`segmenter.two_pass.two_pass_plain`), on the same small data and models.
 
 Synthetic 128 px images, the demo's two detectors (2 scales x flip each) and segmenter with
 random weights (no training: the work per shard is what matters here). Each variant runs in
@@ -38,13 +38,13 @@ def main() -> None:
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="flow_overhead_"))
     work.mkdir(parents=True, exist_ok=True)
-    from flows.env import configure
+    from twopass.flows.env import configure
 
     configure(work)  # Prefect's home in the work folder (a new database), passive OpenMP waits
 
-    from flows.demo import demo_config
-    from pipeline.coco import CocoIndex
-    from pipeline.synth import generate
+    from twopass.flows.demo import demo_config
+    from twopass.pipeline.coco import CocoIndex
+    from twopass.pipeline.synth import generate
 
     # The demo's config on random-weight checkpoints.
     data = work / "data"
@@ -61,10 +61,11 @@ def main() -> None:
         "segmenter": base.segmenter.model_copy(update={"checkpoint": ckpts[base.segmenter.name]}),
     })  # fmt: skip
 
-    from flows import models, stages
-    from flows.plain import two_pass_plain
+    from twopass.detector.api import clear_cache
+    from twopass.pipeline.runfolder import read_ledger, shards, stage_counts
+    from twopass.segmenter.two_pass import two_pass_plain
 
-    n_shards = len(stages.shards(cfg.data))
+    n_shards = len(shards(cfg.data))
     members = len(cfg.pass_one())
     n_tasks = n_shards * (members + 2)  # detect per member of pass one, fuse, segment
     print(f"{args.images} images of 128 px in {n_shards} shards of {args.shard_size}: {n_tasks} shard tasks, "
@@ -85,20 +86,20 @@ def main() -> None:
     server_s = time.perf_counter() - t
     print(f"prefect import: {import_s:.1f} s; embedded server start: {server_s:.1f} s")
 
-    from flows.prefect_flows import two_pass_flow
+    from twopass.flows.prefect_flows import two_pass_flow
 
     plain_times, flow_times = [], []
     for r in range(args.repeats):
-        models.clear_cache()
+        clear_cache()
         t = time.perf_counter()
         two_pass_plain(cfg, work / f"plain{r}")
         plain_times.append(time.perf_counter() - t)
-        models.clear_cache()
+        clear_cache()
         t = time.perf_counter()
         two_pass_flow(cfg, str(work / f"flow{r}"))
         flow_times.append(time.perf_counter() - t)
         print(f"round {r + 1}: plain {plain_times[-1]:.2f} s, flow {flow_times[-1]:.2f} s")
-        assert stages.stage_counts(stages.read_ledger(work / f"flow{r}")) == stages.stage_counts(stages.read_ledger(work / f"plain{r}"))
+        assert stage_counts(read_ledger(work / f"flow{r}")) == stage_counts(read_ledger(work / f"plain{r}"))
 
     # Paired per round (the two sides of a round see about the same load), then the median and
     # the minimum over rounds: a shared machine's noise is of the order of the overhead itself.
@@ -125,17 +126,17 @@ def _torch_threads() -> int:
 def _random_checkpoint(folder: Path, kind: str, model: dict, categories) -> Path:
     import torch
 
-    from detector.checkpoint import save_checkpoint
+    from twopass.detector.checkpoint import save_checkpoint
 
     last = folder / "checkpoints" / "iter_0000000.json"
     if last.is_file():
         return last
     if kind == "detector":
-        from detector.config import config_from_dict
-        from detector.model import build_detector as build
+        from twopass.detector.config import config_from_dict
+        from twopass.detector.model import build_detector as build
     else:
-        from segmenter.config import segmenter_config_from_dict as config_from_dict
-        from segmenter.model import build_segmenter as build
+        from twopass.segmenter.config import segmenter_config_from_dict as config_from_dict
+        from twopass.segmenter.model import build_segmenter as build
     cfg = config_from_dict(model)
     torch.manual_seed(0)
     return save_checkpoint(folder, build(cfg, categories.num_classes), kind=kind, config=cfg.to_dict(), categories=categories, iteration=0)

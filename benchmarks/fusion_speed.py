@@ -25,9 +25,9 @@ import time
 import numpy as np
 import torch
 
-from ensemble import fuse, nms, soft_nms, weighted_boxes_fusion
-from ensemble.synthetic import detections
-from pipeline.tables import detections_table
+from twopass.ensemble import fuse, nms, soft_nms, weighted_boxes_fusion
+from twopass.ensemble.synthetic import detections
+from twopass.pipeline.tables import detections_table
 
 IMAGE_SIZE = (480.0, 640.0)
 METHODS = {

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from pipeline.evaluate import evaluate
-from pipeline.synth import generate
-from pipeline.tables import TableMeta, detections_table, instances_table, read_table, to_coco_results, write_table
+from twopass.pipeline.evaluate import evaluate
+from twopass.pipeline.synth import generate
+from twopass.pipeline.tables import TableMeta, detections_table, instances_table, read_table, to_coco_results, write_table
 
 
 def make_results(gt: dict, per_image: int, seed: int = 0):

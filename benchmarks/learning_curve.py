@@ -45,14 +45,14 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_speed import mask_ap, step, torchvision_reference  # noqa: E402
 
-from detector.checkpoint import load_weights, read_meta  # noqa: E402
-from detector.data import IterationBatches  # noqa: E402
-from detector.infer import EVAL_MAX_PER_IMAGE, EVAL_SCORE_THRESH  # noqa: E402
-from detector.train import TrainOptions, effective_lr, make_optimizer, param_groups, train  # noqa: E402
-from pipeline.coco import CocoDataset  # noqa: E402
-from pipeline.synth import generate  # noqa: E402
-from segmenter.config import load_segmenter_config  # noqa: E402
-from segmenter.model import build_segmenter  # noqa: E402
+from twopass.detector.checkpoint import load_weights, read_meta  # noqa: E402
+from twopass.detector.data import IterationBatches  # noqa: E402
+from twopass.detector.infer import EVAL_MAX_PER_IMAGE, EVAL_SCORE_THRESH  # noqa: E402
+from twopass.detector.train import TrainOptions, effective_lr, make_optimizer, param_groups, train  # noqa: E402
+from twopass.pipeline.coco import CocoDataset  # noqa: E402
+from twopass.pipeline.synth import generate  # noqa: E402
+from twopass.segmenter.config import load_segmenter_config  # noqa: E402
+from twopass.segmenter.model import build_segmenter  # noqa: E402
 
 
 def probe_speed(build, dataset, tcfg, batch: int, iters: int = 4) -> float:

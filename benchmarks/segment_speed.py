@@ -25,12 +25,12 @@ import torchvision
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from detector.infer import View
-from detector.speed import optimize_for_inference
-from pipeline.masks import paste_and_encode
-from segmenter.config import SegmenterConfig
-from segmenter.infer import mask_probs
-from segmenter.model import build_segmenter
+from twopass.detector.infer import View
+from twopass.detector.speed import optimize_for_inference
+from twopass.pipeline.masks import paste_and_encode
+from twopass.segmenter.config import SegmenterConfig
+from twopass.segmenter.infer import mask_probs
+from twopass.segmenter.model import build_segmenter
 
 H, W, N = 800, 1216, 100
 

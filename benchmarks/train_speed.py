@@ -38,14 +38,14 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from detector.config import load_config  # noqa: E402
-from detector.data import IterationBatches  # noqa: E402
-from detector.model import build_detector  # noqa: E402
-from detector.train import TrainOptions, effective_lr, make_optimizer, param_groups, train  # noqa: E402
-from pipeline.coco import CocoDataset, CocoIndex  # noqa: E402
-from pipeline.evaluate import evaluate  # noqa: E402
-from pipeline.synth import generate  # noqa: E402
-from pipeline.tables import detections_table, instances_table  # noqa: E402
+from twopass.detector.config import load_config  # noqa: E402
+from twopass.detector.data import IterationBatches  # noqa: E402
+from twopass.detector.model import build_detector  # noqa: E402
+from twopass.detector.train import TrainOptions, effective_lr, make_optimizer, param_groups, train  # noqa: E402
+from twopass.pipeline.coco import CocoDataset, CocoIndex  # noqa: E402
+from twopass.pipeline.evaluate import evaluate  # noqa: E402
+from twopass.pipeline.synth import generate  # noqa: E402
+from twopass.pipeline.tables import detections_table, instances_table  # noqa: E402
 
 
 def torchvision_reference(num_classes: int) -> torch.nn.Module:

@@ -21,8 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from pipeline.categories import Categories
-from pipeline.fileio import atomic_path, read_json, write_json
+from twopass.pipeline.categories import Categories
+from twopass.pipeline.fileio import atomic_path, read_json, write_json
 
 FORMAT = "twopass-checkpoint-1"
 

@@ -1,11 +1,12 @@
 """Model configs: one pydantic model, one YAML file per named model under `configs/`.
 
-Every switch of METHOD.md is an independent field, so the slides' ablation rows are rerun by
+Every switch of docs/method.md is an independent field, so the slides' ablation rows are rerun by
 changing one line. Unknown keys are errors (a misspelt switch must not be ignored silently).
 """
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -14,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 BackboneName = Literal["resnet18", "resnet50", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x2_0"]
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Named presets ship as package data (`twopass.configs`), so names resolve from an installed wheel too.
+CONFIG_DIR = Path(str(resources.files("twopass.configs")))
 
 
 class ConfigError(ValueError):

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipeline.categories import Categories
-from pipeline.masks import paste_and_encode
-from pipeline.tables import detections_table, instances_table
+from twopass.pipeline.settings import DETECT
+from twopass.pipeline.categories import Categories
+from twopass.pipeline.masks import paste_and_encode
+from twopass.pipeline.tables import detections_table, instances_table
 
 
 @dataclass(frozen=True)
@@ -177,11 +178,11 @@ def detect(
     return instances_table(table, rles) if with_masks else table
 
 
-# COCO practice for scoring a model: keep everything above 0.001, the best 100 an image. The
-# model's own score_thresh (0.05) would cut the low-precision tail that AP still counts, and
-# understate learning curves early in training.
-EVAL_SCORE_THRESH = 0.001
-EVAL_MAX_PER_IMAGE = 100
+# COCO practice for scoring a model: keep everything above 0.001, the best 100 an image (pass
+# one's defaults). The model's own score_thresh (0.05) would cut the low-precision tail that AP
+# still counts, and understate learning curves early in training.
+EVAL_SCORE_THRESH = DETECT.score_thresh
+EVAL_MAX_PER_IMAGE = DETECT.max_per_image
 
 
 def make_validator(
@@ -189,8 +190,8 @@ def make_validator(
 ) -> Callable[[nn.Module], dict[str, Any]]:
     """validate(model) -> COCO metrics of the model on a COCO set (scored as COCO does:
     EVAL_SCORE_THRESH, EVAL_MAX_PER_IMAGE), for the training engine."""
-    from pipeline.coco import CocoIndex
-    from pipeline.evaluate import evaluate
+    from twopass.pipeline.coco import CocoIndex
+    from twopass.pipeline.evaluate import evaluate
 
     index = CocoIndex.load(ann_file)
     categories.check_same(index.categories, f"validation set {ann_file}")

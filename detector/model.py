@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -91,11 +90,6 @@ class Detector(GeneralizedRCNN):
     def __init__(self, config: ModelConfig, backbone, rpn, roi_heads, transform):
         super().__init__(backbone, rpn, roi_heads, transform)
         self.config = config
-
-    def features(self, images: list[Tensor]):
-        """Transform + backbone: (ImageList in input-batch pixels, OrderedDict p{l})."""
-        image_list, _ = self.transform(images)
-        return image_list, self.backbone(image_list.tensors)
 
 
 def build_rpn(config: ModelConfig) -> RegionProposalNetwork:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipeline.categories import Categories
+from twopass.pipeline.categories import Categories
 
 from .backbone import convert_sync_batchnorm
 from .checkpoint import CheckpointError, last_meta, load_optimizer, load_weights, save_checkpoint, unwrap

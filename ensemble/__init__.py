@@ -1,6 +1,6 @@
 """Fusion of detections across models and test-time views: Soft-NMS, NMS, Weighted Boxes Fusion.
 
-    from ensemble import soft_nms, nms, weighted_boxes_fusion, fuse
+    from twopass.ensemble import soft_nms, nms, weighted_boxes_fusion, fuse
 
 Imported on first use, so that `twopass --help` (which imports `ensemble.cli`) stays quick.
 """

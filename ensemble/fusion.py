@@ -20,6 +20,8 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from twopass.pipeline.settings import DEFAULT_IOU_THR, FUSE
+
 from . import _core
 
 Backend = Literal["vectorised", "ensemble_boxes"]
@@ -378,11 +380,13 @@ def soft_nms(
     labels: Any,
     image_size: Sequence[float],
     *,
-    method: Literal["gaussian", "linear"] = "gaussian",
-    iou_thr: float = 0.5,
-    sigma: float = 0.5,
-    thresh: float = 0.001,
+    method: Literal["gaussian", "linear"] = FUSE.decay,
+    iou_thr: float = DEFAULT_IOU_THR["soft-nms"],
+    sigma: float = FUSE.sigma,
+    thresh: float = FUSE.thresh,
     weights: Sequence[float] | None = None,
+    # As ensemble_boxes' soft_nms, whose drop-in this is: the input scores. The table-level
+    # `fuse` and the stages rescore by default (`pipeline.settings.FuseSettings.rescore`).
     rescore: bool = False,
     backend: Backend = "vectorised",
 ) -> tuple[Any, Any, Any]:
@@ -422,7 +426,7 @@ def nms(
     labels: Any,
     image_size: Sequence[float],
     *,
-    iou_thr: float = 0.5,
+    iou_thr: float = DEFAULT_IOU_THR["nms"],
     weights: Sequence[float] | None = None,
     backend: Backend = "vectorised",
 ) -> tuple[Any, Any, Any]:
@@ -451,9 +455,9 @@ def weighted_boxes_fusion(
     image_size: Sequence[float],
     *,
     weights: Sequence[float] | None = None,
-    iou_thr: float = 0.55,
-    skip_box_thr: float = 0.0,
-    conf_type: ConfType = "avg",
+    iou_thr: float = DEFAULT_IOU_THR["wbf"],
+    skip_box_thr: float = FUSE.skip_box_thr,
+    conf_type: ConfType = FUSE.conf_type,
     allows_overflow: bool = False,
     backend: Backend = "vectorised",
 ) -> tuple[Any, Any, Any]:

@@ -7,13 +7,12 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 import pyarrow as pa
 
-from pipeline.tables import DETECTIONS_SCHEMA, boxes_of, check_values, detections_table
+from twopass.pipeline.settings import FUSE, FuseMethod, FuseSettings
+from twopass.pipeline.tables import DETECTIONS_SCHEMA, boxes_of, check_values, detections_table
 
 from . import fusion
 
-Method = Literal["wbf", "soft-nms", "nms"]
 METHODS = ("wbf", "soft-nms", "nms")
-DEFAULT_IOU_THR = {"wbf": 0.55, "soft-nms": 0.5, "nms": 0.5}  # ensemble_boxes' defaults
 
 
 def _members(tables: Sequence[pa.Table]) -> tuple[list[str], list[np.ndarray]]:
@@ -81,20 +80,20 @@ def _image_scale(
 
 def fuse(
     tables: Sequence[pa.Table],
-    method: Method = "wbf",
+    method: FuseMethod = FUSE.method,
     weights: Sequence[float] | Mapping[str, float] | None = None,
     *,
     names: Sequence[str] | None = None,
     image_sizes: Mapping[int, tuple[float, float]] | pa.Table | None = None,
-    iou_thr: float | None = None,
-    skip_box_thr: float = 0.0,
-    conf_type: fusion.ConfType = "avg",
+    iou_thr: float | None = FUSE.iou_thr,
+    skip_box_thr: float = FUSE.skip_box_thr,
+    conf_type: fusion.ConfType = FUSE.conf_type,
     allows_overflow: bool = False,
-    decay: Literal["gaussian", "linear"] = "gaussian",
-    sigma: float = 0.5,
-    thresh: float = 0.001,
-    rescore: bool = False,
-    max_per_image: int | None = 100,
+    decay: Literal["gaussian", "linear"] = FUSE.decay,
+    sigma: float = FUSE.sigma,
+    thresh: float = FUSE.thresh,
+    rescore: bool | None = FUSE.rescore,
+    max_per_image: int | None = FUSE.max_per_image,
     source: str | None = None,
     backend: fusion.Backend = "vectorised",
 ) -> pa.Table:
@@ -119,7 +118,9 @@ def fuse(
         raise ValueError(f"names: {len(names)} names for {len(tables)} tables")
     if max_per_image is not None and max_per_image < 1:
         raise ValueError(f"max_per_image: {max_per_image} must be >= 1")
-    iou_thr = DEFAULT_IOU_THR[method] if iou_thr is None else iou_thr
+    # None: the method's defaults, as `pipeline.settings.FuseSettings` defines them
+    filled = FuseSettings.model_construct(method=method, iou_thr=iou_thr, rescore=rescore).resolved()
+    iou_thr, rescore = filled["iou_thr"], filled["rescore"]
     fusion.check_params(iou_thr, skip_box_thr=skip_box_thr, thresh=thresh)
     if conf_type not in fusion.CONF_TYPES:
         raise ValueError(f"conf_type: {conf_type!r}, expected one of {fusion.CONF_TYPES}")

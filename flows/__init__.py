@@ -1,4 +1,4 @@
-"""The Prefect layer: thin flows and tasks over the plain stage functions.
+"""The Prefect layer, and only that: thin flows and tasks over the plain stage functions.
 
 Importing this package sets Prefect's defaults for this project *before* Prefect is imported
 (`os.environ.setdefault`, so anything the user sets wins):
@@ -12,11 +12,11 @@ Importing this package sets Prefect's defaults for this project *before* Prefect
 `PREFECT_HOME` (database, local results) is set by the `twopass` commands to a folder under
 the run folder unless the user has set it; see `flows.env.configure`.
 
-Modules: `stages` (plain functions: keys, ledger, detect/fuse/segment/merge/train/evaluate),
-`models` (loading and training models), `report` (report.md, pictures), `tasks` (Prefect
-tasks), `prefect_flows` (the Prefect flows; `prefect.yaml` deploys them), `plain` (the same
-pipeline as a plain loop, no Prefect), `demo` (the demo's config), `cli` (`twopass demo`,
-`twopass flow ...`), `env` (the settings above).
+Modules: `tasks` (one Prefect task per stage execution, each calling the plain stage function
+of its package: `detector.stage`, `ensemble.stage`, `segmenter.stage`, `pipeline.runfolder`),
+`prefect_flows` (the Prefect flows; `prefect.yaml` deploys them), `demo` (the demo's config),
+`cli` (`twopass demo`, `twopass flow ...`), `env` (the settings above). Nothing outside this
+package imports Prefect; the same pipeline without Prefect is `segmenter.two_pass.two_pass_plain`.
 """
 
 from __future__ import annotations

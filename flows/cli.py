@@ -43,7 +43,7 @@ def _flow(pf, name: str, task_runner: str, workers: int | None, dask_address: st
 
 
 def _load(config: Path, out: Path):
-    from pipeline.config import load_pipeline_config
+    from twopass.pipeline.config import load_pipeline_config
 
     from .env import configure
 
@@ -231,7 +231,7 @@ def example_config_cmd(
     data: Annotated[Path, typer.Option(help="Data folder with train/ and val/ (as `twopass synth` makes them).")] = Path("data"),
 ) -> None:
     """Write the demo's pipeline config as a starting point for your own."""
-    from pipeline.config import write_pipeline_config
+    from twopass.pipeline.config import write_pipeline_config
 
     from .demo import demo_config
 
@@ -255,10 +255,10 @@ def demo(
     Prefect's embedded server (the segmenter's own boxes fused with the detectors'), and prints
     the AP of each model, the fused boxes and the final masks; report.md and pictures go to --out.
     """
-    from pipeline.cli import _progress
-    from pipeline.config import write_pipeline_config
-    from pipeline.fileio import read_json
-    from pipeline.synth import description, generate
+    from twopass.pipeline.cli import progress_bar
+    from twopass.pipeline.config import write_pipeline_config
+    from twopass.pipeline.fileio import read_json
+    from twopass.pipeline.synth import description, generate
 
     from .demo import SIZE, demo_config
     from .env import configure
@@ -271,7 +271,7 @@ def demo(
         ann = data / split / "annotations.json"
         if ann.is_file() and read_json(ann).get("info", {}).get("description") == description(n, SIZE, seed):
             continue  # image i depends only on (seed, i, level): what is there is what would be made
-        with _progress() as bar:
+        with progress_bar() as bar:
             task = bar.add_task(f"synth {split}", total=n)
             generate(data / split, n, SIZE, seed, progress=lambda k: bar.update(task, completed=k))
     cfg = demo_config(data, train_budget_s=budget)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig
+from twopass.pipeline.config import PipelineConfig
 
 SIZE = 128
 

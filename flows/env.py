@@ -34,9 +34,3 @@ def configure(run_dir: str | Path | None = None) -> dict[str, str]:
         # (it then waits out the whole startup timeout).
         Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
     return {k: os.environ[k] for k in (*DEFAULTS, "PREFECT_HOME", "OMP_WAIT_POLICY") if k in os.environ}
-
-
-def prefect_imported() -> bool:
-    import sys
-
-    return "prefect" in sys.modules

@@ -19,15 +19,21 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import flows  # noqa: F401  (Prefect defaults set before Prefect is imported)
+import twopass.flows  # noqa: F401  (Prefect defaults set before Prefect is imported)
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline.config import PipelineConfig, safe_name
+from twopass.pipeline import report
+from twopass.pipeline.config import PipelineConfig, safe_name
+from twopass.pipeline.fileio import read_json
+from twopass.pipeline.runfolder import ap_table, format_ap_table, publish, read_ledger, shard_label, shards, stage_counts, write_coco_json
+from twopass.detector.stage import resolve_model
+from twopass.segmenter.api import SEGMENTER
+from twopass.segmenter.two_pass import checkpoints as resolve_checkpoints
 
-from flows import report, stages, tasks
+from . import tasks
 
 DEFAULT_RUN_DIR = "runs/twopass"
 
@@ -104,13 +110,13 @@ def _finish(shards: Shards, what: str) -> None:
 
 
 def _ran_since(run_dir: str | Path, t0: float) -> dict[str, int]:
-    return stages.stage_counts(e for e in stages.read_ledger(run_dir) if e.get("time", 0) >= t0 - 1e-3)
+    return stage_counts(e for e in read_ledger(run_dir) if e.get("time", 0) >= t0 - 1e-3)
 
 
 def _prepare(config: PipelineConfig | str, run_dir: str) -> tuple[PipelineConfig, str]:
     """The config (a YAML path is loaded: a deployment may be given one) and the run folder,
     with the config written to RUN/pipeline.yaml."""
-    from pipeline.config import load_pipeline_config, write_pipeline_config
+    from twopass.pipeline.config import load_pipeline_config, write_pipeline_config
 
     if isinstance(config, (str, Path)):
         config = load_pipeline_config(config)
@@ -118,20 +124,6 @@ def _prepare(config: PipelineConfig | str, run_dir: str) -> tuple[PipelineConfig
     run.mkdir(parents=True, exist_ok=True)
     write_pipeline_config(run / "pipeline.yaml", config)
     return config, str(run.resolve())
-
-
-def _checkpoints(config: PipelineConfig, run_dir: str, given: dict[str, str] | None) -> dict[str, str]:
-    given = dict(given or {})
-    out = {}
-    for i, d in enumerate(config.detectors):
-        out[d.name] = given.get(d.name) or str(stages.resolve_model(run_dir, "detector", d, f"detectors[{i}]", config.data, config.device))
-    s = config.segmenter
-    out[s.name] = given.get(s.name) or str(stages.resolve_model(run_dir, "segmenter", s, "segmenter", config.data, config.device))
-    return out
-
-
-def _submit(T, name: str, kwargs: dict[str, Any], label: str, shards: Shards):
-    return shards.add(label, getattr(T, name).submit(**kwargs))
 
 
 def _shard_name(k: int, n: int) -> str:
@@ -150,19 +142,18 @@ def train_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, par
     T = tasks.bound(run_dir)
     with run_log(run_dir):
         log = get_run_logger()
-        jobs = [("detector", d, f"detectors[{i}]") for i, d in enumerate(config.detectors)]
-        jobs.append(("segmenter", config.segmenter, "segmenter"))
+        jobs = [("detector", d) for d in config.detectors] + [("segmenter", config.segmenter)]
         shards = Shards()
         out = {}
-        for kind, spec, where in jobs:
-            kwargs = dict(run_dir=run_dir, kind=kind, spec=spec, where=where, data=config.data, device=config.device, progress=not parallel)
-            fut = _submit(T, "train_model", kwargs, f"train {spec.name}", shards)
+        for kind, spec in jobs:
+            fut = shards.add(f"train {spec.name}", T.train_model.submit(
+                run_dir=run_dir, kind=kind, spec=spec, data=config.data, device=config.device, progress=not parallel))
             if not parallel:
                 fut.wait()
                 if not fut.state.is_completed():
                     break
         _finish(shards, "train_flow")
-        for (kind, spec, where), (_, fut) in zip(jobs, shards.items):
+        for (kind, spec), (_, fut) in zip(jobs, shards.items):
             out[spec.name] = fut.result()
             log.info(f"{kind} {spec.name}: {out[spec.name]}")
         return out
@@ -175,35 +166,34 @@ def detect_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, ch
     config, run_dir = _prepare(config, run_dir)
     T = tasks.bound(run_dir)
     with run_log(run_dir):
-        ckpts = _checkpoints(config, run_dir, checkpoints)
-        parts = _submit_detect(T, config, run_dir, ckpts, stages.shards(config.data), Shards())
-        return _merge_detect(T, config, run_dir, parts)
+        ckpts = resolve_checkpoints(config, run_dir, checkpoints)
+        submitted = Shards()
+        parts = _submit_detect(T, config, run_dir, ckpts, shards(config.data), submitted)
+        _finish(submitted, "detect_flow")
+        return _merge_and_publish_detections(T, run_dir, parts)[0]
 
 
-def _submit_detect(T, config, run_dir, ckpts, shard_ids, shards: Shards) -> dict[str, list]:
-    parts: dict[str, list] = {}
+def _submit_detect(T, config, run_dir, ckpts, shard_ids, submitted: Shards) -> dict[str, list]:
+    """{model name: futures of its shards} for every model of pass one."""
     n = len(shard_ids)
-    for kind, d in config.pass_one():
-        parts[d.name] = [
-            _submit(T, "detect_shard",
-                    dict(run_dir=run_dir, spec=d, checkpoint=ckpts[d.name], data=config.data, ids=ids, device=config.device,
-                         shard=_shard_name(k, n), kind=kind),
-                    f"detect {d.name} shard {k + 1}/{n} ({stages.shard_label(ids)})", shards)
+    return {
+        d.name: [
+            submitted.add(f"detect {d.name} shard {k + 1}/{n} ({shard_label(ids)})", T.detect_shard.submit(
+                run_dir=run_dir, kind=kind, spec=d, checkpoint=ckpts[d.name], data=config.data, ids=ids, device=config.device,
+                shard=_shard_name(k, n)))
             for k, ids in enumerate(shard_ids)
-        ]  # fmt: skip
-    parts["_shards"] = shards  # type: ignore[assignment]
-    return parts
+        ]
+        for kind, d in config.pass_one()
+    }  # fmt: skip
 
 
-def _merge_detect(T, config, run_dir, parts) -> dict[str, str]:
-    shards: Shards = parts.pop("_shards")
-    _finish(shards, "detect_flow")
-    merged = {}
+def _merge_and_publish_detections(T, run_dir, parts: dict[str, list]) -> tuple[dict[str, str], dict[str, Path]]:
+    """({model name: merged detections}, {output name: published file})."""
+    merged, published = {}, {}
     for name, futs in parts.items():
-        paths = [f.result() for f in futs]
-        merged[name] = T.merge.submit(run_dir=run_dir, stage="detections", label=name, parts=paths).result()
-        stages.publish(run_dir, merged[name], f"detections_{safe_name(name)}.parquet")
-    return merged
+        merged[name] = T.merge.submit(run_dir=run_dir, stage="detections", label=name, parts=[f.result() for f in futs]).result()
+        published[f"detections_{safe_name(name)}"] = publish(run_dir, merged[name], f"detections_{safe_name(name)}.parquet")
+    return merged, published
 
 
 @flow(name="fuse", task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -217,20 +207,17 @@ def fuse_flow(config: PipelineConfig | str, detections: dict[str, str], run_dir:
     if unknown:
         raise ValueError(f"fuse_flow: detections for {unknown}, which the config does not name (pass one: {sorted(weights)})")
     with run_log(run_dir):
-        shards = Shards()
-        shard_ids = stages.shards(config.data)
+        submitted = Shards()
+        shard_ids = shards(config.data)
         n = len(shard_ids)
-        futs = [
-            _submit(T, "fuse_shard",
-                    dict(run_dir=run_dir, fusion=config.fusion, inputs=list(detections.values()),
-                         weights=[weights[k] for k in detections], data=config.data, ids=ids, shard=_shard_name(k, n)),
-                    f"fuse shard {k + 1}/{n}", shards)
-            for k, ids in enumerate(shard_ids)
-        ]  # fmt: skip
-        _finish(shards, "fuse_flow")
-        paths = [f.result() for _, f in shards.items]
+        for k, ids in enumerate(shard_ids):
+            submitted.add(f"fuse shard {k + 1}/{n}", T.fuse_shard.submit(
+                run_dir=run_dir, fusion=config.fusion, inputs=list(detections.values()), weights=[weights[k] for k in detections],
+                data=config.data, ids=ids, shard=_shard_name(k, n)))  # fmt: skip
+        _finish(submitted, "fuse_flow")
+        paths = [f.result() for _, f in submitted.items]
         merged = T.merge.submit(run_dir=run_dir, stage="fused", label="fused", parts=paths).result()
-        stages.publish(run_dir, merged, "fused.parquet")
+        publish(run_dir, merged, "fused.parquet")
         return merged
 
 
@@ -246,20 +233,19 @@ def segment_flow(config: PipelineConfig | str, detections: str, run_dir: str = D
         raise FileNotFoundError(f"segment_flow: detections {det}: no such file")
     with run_log(run_dir):
         s = config.segmenter
-        ckpt = checkpoint or str(stages.resolve_model(run_dir, "segmenter", s, "segmenter", config.data, config.device))
-        shards = Shards()
-        shard_ids = stages.shards(config.data)
+        ckpt = checkpoint or str(resolve_model(run_dir, SEGMENTER, s, config.data, config.device))
+        submitted = Shards()
+        shard_ids = shards(config.data)
         n = len(shard_ids)
         for k, ids in enumerate(shard_ids):
-            _submit(T, "segment_shard",
-                    dict(run_dir=run_dir, spec=s, checkpoint=ckpt, detections=str(det.resolve()), data=config.data, ids=ids,
-                         device=config.device, shard=_shard_name(k, n)),
-                    f"segment shard {k + 1}/{n} ({stages.shard_label(ids)})", shards)  # fmt: skip
-        _finish(shards, "segment_flow")
-        paths = [f.result() for _, f in shards.items]
+            submitted.add(f"segment shard {k + 1}/{n} ({shard_label(ids)})", T.segment_shard.submit(
+                run_dir=run_dir, spec=s, checkpoint=ckpt, detections=str(det.resolve()), data=config.data, ids=ids,
+                device=config.device, shard=_shard_name(k, n)))  # fmt: skip
+        _finish(submitted, "segment_flow")
+        paths = [f.result() for _, f in submitted.items]
         merged = T.merge.submit(run_dir=run_dir, stage="instances", label=s.name, parts=paths).result()
-        stages.publish(run_dir, merged, "instances.parquet")
-        stages.write_coco_json(run_dir, merged, "instances.json")
+        publish(run_dir, merged, "instances.parquet")
+        write_coco_json(run_dir, merged, "instances.json")
         return merged
 
 
@@ -288,7 +274,7 @@ def _evaluate_and_report(T, config: PipelineConfig, run_dir: str, detections: di
     if config.data.ann is not None and config.evaluation.enabled:
         metrics_path = T.evaluate.submit(run_dir=run_dir, data=config.data, fusion=config.fusion, detectors=detections,
                                          fused=fused, instances=instances).result()  # fmt: skip
-        rows = stages.ap_table(stages.read_json(metrics_path))
+        rows = ap_table(read_json(metrics_path))
     outputs = {f"detections of {k}": v for k, v in detections.items()}
     if fused:
         outputs["fused boxes"] = fused
@@ -301,7 +287,7 @@ def _evaluate_and_report(T, config: PipelineConfig, run_dir: str, detections: di
     key = safe_name(config.name).lower().replace("_", "-").replace(".", "-")
     if rows:
         create_table_artifact(key=f"{key}-ap-per-stage", table=rows, description=f"AP per stage, {config.name} ({run_dir})")
-        log.info("AP per stage:\n" + stages.format_ap_table(rows))
+        log.info("AP per stage:\n" + format_ap_table(rows))
     create_markdown_artifact(
         key=f"{key}-report",
         markdown=report.build_report(run_dir, config, metrics_path, outputs, pictures, ran, inline_pictures=True),
@@ -321,42 +307,35 @@ def two_pass_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, 
     T = tasks.bound(run_dir)
     with run_log(run_dir):
         log = get_run_logger()
-        ckpts = _checkpoints(config, run_dir, checkpoints)
-        shard_ids = stages.shards(config.data)
+        ckpts = resolve_checkpoints(config, run_dir, checkpoints)
+        shard_ids = shards(config.data)
         n = len(shard_ids)
         log.info(f"{len(config.detectors)} detectors, {sum(map(len, shard_ids))} images in {n} shards of up to {config.data.shard_size}")
-        shards = Shards()
-        det = _submit_detect(T, config, run_dir, ckpts, shard_ids, shards)
-        det.pop("_shards")
+        submitted = Shards()
+        det = _submit_detect(T, config, run_dir, ckpts, shard_ids, submitted)
         members = [d for _, d in config.pass_one()]
         weights = [d.weight for d in members]
         fused_f, inst_f = [], []
         s = config.segmenter
         for k, ids in enumerate(shard_ids):
             inputs = [det[d.name][k] for d in members]
-            f = _submit(T, "fuse_shard",
-                        dict(run_dir=run_dir, fusion=config.fusion, inputs=inputs, weights=weights, data=config.data, ids=ids,
-                             shard=_shard_name(k, n)),
-                        f"fuse shard {k + 1}/{n}", shards)  # fmt: skip
+            f = submitted.add(f"fuse shard {k + 1}/{n}", T.fuse_shard.submit(
+                run_dir=run_dir, fusion=config.fusion, inputs=inputs, weights=weights, data=config.data, ids=ids,
+                shard=_shard_name(k, n)))  # fmt: skip
             fused_f.append(f)
-            inst_f.append(
-                _submit(T, "segment_shard",
-                        dict(run_dir=run_dir, spec=s, checkpoint=ckpts[s.name], detections=f, data=config.data, ids=ids,
-                             device=config.device, shard=_shard_name(k, n)),
-                        f"segment shard {k + 1}/{n}", shards)  # fmt: skip
-            )
-        _finish(shards, "two_pass_flow")
+            inst_f.append(submitted.add(f"segment shard {k + 1}/{n}", T.segment_shard.submit(
+                run_dir=run_dir, spec=s, checkpoint=ckpts[s.name], detections=f, data=config.data, ids=ids,
+                device=config.device, shard=_shard_name(k, n))))  # fmt: skip
+        _finish(submitted, "two_pass_flow")
+        merged_det, published = _merge_and_publish_detections(T, run_dir, det)
         paths = lambda futs: [f.result() for f in futs]  # noqa: E731
-        merged_det = {}
-        for d in members:
-            merged_det[d.name] = T.merge.submit(run_dir=run_dir, stage="detections", label=d.name, parts=paths(det[d.name])).result()
         fused = T.merge.submit(run_dir=run_dir, stage="fused", label="fused", parts=paths(fused_f)).result()
         instances = T.merge.submit(run_dir=run_dir, stage="instances", label=s.name, parts=paths(inst_f)).result()
         outputs = {
-            **{f"detections_{d}": stages.publish(run_dir, p, f"detections_{safe_name(d)}.parquet") for d, p in merged_det.items()},
-            "fused": stages.publish(run_dir, fused, "fused.parquet"),
-            "instances": stages.publish(run_dir, instances, "instances.parquet"),
-            "instances_json": stages.write_coco_json(run_dir, instances, "instances.json"),
+            **published,
+            "fused": publish(run_dir, fused, "fused.parquet"),
+            "instances": publish(run_dir, instances, "instances.parquet"),
+            "instances_json": write_coco_json(run_dir, instances, "instances.json"),
         }
         ran = _ran_since(run_dir, t0)
         log.info(f"computed this run: {ran or 'nothing (all reused)'}")

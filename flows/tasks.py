@@ -1,27 +1,37 @@
-"""Prefect tasks: one per stage execution (one shard, one model), each a call of the plain
-stage function in `flows.stages`.
+"""Prefect tasks: one per stage execution (one shard, one model), each a call of the plain stage
+function of its package (`detector.stage`, `ensemble.stage`, `segmenter.stage`,
+`pipeline.runfolder`).
 
-Caching has two layers with one key (`stages.*_plan(...).key`: a hash of the input files'
-content, the stage's settings and the shard's image ids):
+Caching has two layers with one key (the stage's plan: a hash of the input files' content, the
+stage's settings and the shard's image ids):
 1. the stage function returns at once when its output file (named by the key) exists;
 2. Prefect's cache (`cache_key_fn` on the same key, results stored under
    `RUN/prefect/results`) skips the task run itself (state `Cached`).
 A Prefect record whose output file has since been deleted is dropped when the key is computed,
-so the task runs again instead of returning a path to nothing.
+so the task runs again instead of returning a path to nothing. The plan the key function built
+is handed to the task body, so each shard's plan is built once.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
-import flows  # noqa: F401  (Prefect defaults set before Prefect is imported)
+import twopass.flows  # noqa: F401  (Prefect defaults set before Prefect is imported)
 from prefect import task
+from prefect.context import TaskRunContext
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
-from . import stages
+from twopass.detector import stage as detector_stage
+from twopass.ensemble import stage as ensemble_stage
+from twopass.pipeline import runfolder
+from twopass.pipeline.runfolder import Planned
+from twopass.segmenter import stage as segmenter_stage
+from twopass.segmenter import two_pass
+from twopass.segmenter.two_pass import KINDS
 
 
 def _log():
@@ -32,21 +42,37 @@ def _log():
     return logger.info
 
 
-def _key(plan):
-    """A Prefect cache_key_fn from a stage's plan function (same parameters as the task).
+# --------------------------------------------------------------------------- cache keys
+
+# task run id -> the plan its cache key function built (a task that comes back Cached never
+# takes its plan: the oldest are dropped beyond a bound)
+_PLANS: "OrderedDict[str, Planned]" = OrderedDict()
+_PLANS_KEPT = 1024
+
+
+def _key(plan: Callable[[dict[str, Any]], Planned]):
+    """A Prefect cache_key_fn from a stage's plan (given the task's parameters).
 
     The output file is the truth: when it is missing (deleted, or never written), a Prefect
     cache record under the same key is stale and is removed, so the task runs again.
     """
 
     def cache_key_fn(context, parameters: dict[str, Any]) -> str:
-        params = {k: v for k, v in parameters.items() if k not in ("shard", "progress", "log")}
-        planned = plan(**params)
+        planned = plan(parameters)
         if not planned.out.is_file():
-            _drop_record(params["run_dir"], planned.key)
+            _drop_record(parameters["run_dir"], planned.key)
+        _PLANS[str(context.task_run.id)] = planned
+        while len(_PLANS) > _PLANS_KEPT:
+            _PLANS.popitem(last=False)
         return planned.key
 
     return cache_key_fn
+
+
+def _plan() -> Planned | None:
+    """The plan of the running task, built by its cache key function."""
+    ctx = TaskRunContext.get()
+    return _PLANS.pop(str(ctx.task_run.id), None) if ctx is not None else None
 
 
 def _drop_record(run_dir: str | Path, key: str) -> None:
@@ -57,43 +83,50 @@ def _train_key(context, p: dict[str, Any]) -> str | None:
     spec = p["spec"]
     if spec.checkpoint is not None:
         return None  # nothing to train: nothing worth caching
-    key = stages.train_key(p["kind"], spec, p["where"], p["data"], p["device"])
-    if not (stages.train_dir(p["run_dir"], spec, key) / "done.json").is_file():
+    key = detector_stage.train_key(KINDS[p["kind"]], spec, p["data"], p["device"])
+    if not (detector_stage.train_dir(p["run_dir"], spec, key) / "done.json").is_file():
         _drop_record(p["run_dir"], key)
     return key
 
 
+# --------------------------------------------------------------------------- tasks
+
+
 @task(name="train-model", cache_key_fn=_train_key, persist_result=True, task_run_name="train-{spec.name}")
-def train_model(run_dir: str, kind: str, spec, where: str, data, device: str = "cpu", progress: bool = True) -> str:
-    return stages.train_stage(run_dir, kind, spec, where, data, device, progress, log=_log())
+def train_model(run_dir: str, kind: str, spec, data, device: str = "cpu", progress: bool = True) -> str:
+    return detector_stage.train_stage(run_dir, KINDS[kind], spec, data, device, progress, log=_log())
 
 
-@task(name="detect-shard", cache_key_fn=_key(stages.detect_plan), persist_result=True, task_run_name="detect-{spec.name}-{shard}")
-def detect_shard(run_dir: str, spec, checkpoint: str, data, ids: list[int], device: str = "cpu", shard: str = "", kind: str = "detector") -> str:
-    return stages.detect_shard(run_dir, spec, checkpoint, data, ids, device, log=_log(), kind=kind)
+@task(name="detect-shard", persist_result=True, task_run_name="detect-{spec.name}-{shard}",
+      cache_key_fn=_key(lambda p: detector_stage.detect_plan(p["run_dir"], KINDS[p["kind"]], p["spec"], p["checkpoint"], p["data"],
+                                                              p["ids"], p["device"])))  # fmt: skip
+def detect_shard(run_dir: str, kind: str, spec, checkpoint: str, data, ids: list[int], device: str = "cpu", shard: str = "") -> str:
+    return detector_stage.detect_shard(run_dir, KINDS[kind], spec, checkpoint, data, ids, device, plan=_plan(), log=_log())
 
 
-@task(name="fuse-shard", cache_key_fn=_key(stages.fuse_plan), persist_result=True, task_run_name="fuse-{shard}")
+@task(name="fuse-shard", persist_result=True, task_run_name="fuse-{shard}",
+      cache_key_fn=_key(lambda p: ensemble_stage.fuse_plan(p["run_dir"], p["fusion"], p["inputs"], p["weights"], p["data"], p["ids"])))  # fmt: skip
 def fuse_shard(run_dir: str, fusion, inputs: list[str], weights: list[float], data, ids: list[int], shard: str = "") -> str:
-    return stages.fuse_shard(run_dir, fusion, inputs, weights, data, ids, log=_log())
+    return ensemble_stage.fuse_shard(run_dir, fusion, inputs, weights, data, ids, plan=_plan(), log=_log())
 
 
-@task(name="segment-shard", cache_key_fn=_key(stages.segment_plan), persist_result=True, task_run_name="segment-{spec.name}-{shard}")
+@task(name="segment-shard", persist_result=True, task_run_name="segment-{spec.name}-{shard}",
+      cache_key_fn=_key(lambda p: segmenter_stage.segment_plan(p["run_dir"], p["spec"], p["checkpoint"], p["detections"], p["data"],
+                                                                p["ids"], p["device"])))  # fmt: skip
 def segment_shard(run_dir: str, spec, checkpoint: str, detections: str, data, ids: list[int], device: str = "cpu", shard: str = "") -> str:
-    return stages.segment_shard(run_dir, spec, checkpoint, detections, data, ids, device, log=_log())
+    return segmenter_stage.segment_shard(run_dir, spec, checkpoint, detections, data, ids, device, plan=_plan(), log=_log())
 
 
-@task(name="merge", cache_key_fn=_key(stages.merge_plan), persist_result=True, task_run_name="merge-{stage}-{label}")
+@task(name="merge", persist_result=True, task_run_name="merge-{stage}-{label}",
+      cache_key_fn=_key(lambda p: runfolder.merge_plan(p["run_dir"], p["stage"], p["label"], p["parts"])))  # fmt: skip
 def merge(run_dir: str, stage: str, label: str, parts: list[str]) -> str:
-    return stages.merge(run_dir, stage, label, parts, log=_log())
+    return runfolder.merge(run_dir, stage, label, parts, plan=_plan(), log=_log())
 
 
-@task(name="evaluate", cache_key_fn=_key(stages.evaluation_plan), persist_result=True)
+@task(name="evaluate", persist_result=True,
+      cache_key_fn=_key(lambda p: two_pass.evaluation_plan(p["run_dir"], p["data"], p["fusion"], p["detectors"], p["fused"], p["instances"])))  # fmt: skip
 def evaluate(run_dir: str, data, fusion, detectors: dict[str, str], fused: str | None, instances: str | None) -> str:
-    return stages.evaluate_stage(run_dir, data, fusion, detectors, fused, instances, log=_log())
-
-
-ALL = ("train_model", "detect_shard", "fuse_shard", "segment_shard", "merge", "evaluate")
+    return two_pass.evaluate_stage(run_dir, data, fusion, detectors, fused, instances, plan=_plan(), log=_log())
 
 
 def results_dir(run_dir: str | Path) -> Path:
@@ -104,4 +137,5 @@ def bound(run_dir: str | Path) -> SimpleNamespace:
     """The tasks with their Prefect results (and cache records) stored under the run folder."""
     storage = results_dir(run_dir)
     storage.mkdir(parents=True, exist_ok=True)
-    return SimpleNamespace(**{name: globals()[name].with_options(result_storage=storage) for name in ALL})
+    tasks = (train_model, detect_shard, fuse_shard, segment_shard, merge, evaluate)
+    return SimpleNamespace(**{t.fn.__name__: t.with_options(result_storage=storage) for t in tasks})

@@ -27,10 +27,10 @@ app = typer.Typer(
 )
 
 # Each stage package that has a `cli.py` with `register(app)` adds its commands here.
-PLUGINS = ("detector.cli", "ensemble.cli", "segmenter.cli", "flows.cli")
+PLUGINS = ("twopass.detector.cli", "twopass.ensemble.cli", "twopass.segmenter.cli", "twopass.flows.cli")
 
 
-def _progress():
+def progress_bar():
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -56,7 +56,7 @@ def synth(
     difficulty = difficulty or DEFAULT_DIFFICULTY
     if difficulty not in DIFFICULTIES:
         raise typer.BadParameter(f"must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}", param_hint="--difficulty")
-    with _progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task("synth", total=images)
         path = generate(out, images, size, seed, progress=lambda k: bar.update(task, completed=k), difficulty=difficulty)
     typer.echo(f"wrote {path}")

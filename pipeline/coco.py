@@ -8,6 +8,7 @@ is skipped silently. Images come back as RGB whatever their mode (grayscale, RGB
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -66,6 +67,10 @@ def load_image(path: Path, where: str = "") -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
 
 
+_INDEX_CACHE: dict[tuple, "CocoIndex"] = {}
+_INDEX_LOCK = threading.Lock()
+
+
 @dataclass
 class ImageSet:
     """Images known by id: an images table plus the folder they live in.
@@ -76,6 +81,9 @@ class ImageSet:
     table: pa.Table
     root: Path
     source: str = ""
+    # The categories of the annotations the set was opened from (None for a folder or images
+    # table): the stages check a model's categories against them before any compute.
+    categories: Categories | None = None
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -89,8 +97,17 @@ class ImageSet:
         self._w = self.table.column("width").to_pylist()
 
     @classmethod
-    def from_coco(cls, ann_file: str | Path, image_root: str | Path) -> "ImageSet":
-        return CocoIndex.load(ann_file).image_set(image_root)
+    def open(cls, images: str | Path, ann: str | Path | None = None, images_table: str | Path | None = None) -> "ImageSet":
+        """The one way every command and stage opens images: the ids and sizes of COCO
+        annotations `ann`, else of an images table (`twopass images`), else every image file of
+        the folder, ids by sorted name."""
+        if ann is not None and images_table is not None:
+            raise DataError(f"{ann}, {images_table}: give annotations or an images table, not both")
+        if ann is not None:
+            return CocoIndex.cached(ann).image_set(images)
+        if images_table is not None:
+            return cls.from_table(images_table, images)
+        return cls.from_folder(images)
 
     @classmethod
     def from_folder(cls, root: str | Path) -> "ImageSet":
@@ -166,6 +183,26 @@ class CocoIndex:
     raw: dict[str, Any]
 
     @classmethod
+    def cached(cls, ann_file: str | Path) -> "CocoIndex":
+        """`load`, remembered per (path, size, mtime) within the process: the stages of a run
+        open the same annotations once per shard."""
+        path = Path(ann_file)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return cls.load(path)  # names the missing file
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        with _INDEX_LOCK:
+            hit = _INDEX_CACHE.get(key)
+        if hit is None:
+            hit = cls.load(path)
+            with _INDEX_LOCK:
+                if len(_INDEX_CACHE) > 8:
+                    _INDEX_CACHE.clear()
+                _INDEX_CACHE[key] = hit
+        return hit
+
+    @classmethod
     def load(cls, ann_file: str | Path) -> "CocoIndex":
         path = Path(ann_file)
         try:
@@ -220,7 +257,7 @@ class CocoIndex:
             [int(im["height"]) for im in self.images],
             [int(im["width"]) for im in self.images],
         )
-        return ImageSet(t, Path(image_root), source=str(self.path))
+        return ImageSet(t, Path(image_root), source=str(self.path), categories=self.categories)
 
 
 def annotation_mask(ann: dict, height: int, width: int, where: str) -> np.ndarray:

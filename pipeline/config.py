@@ -37,6 +37,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .settings import DetectSettings, FuseSettings, SegmentSettings
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
@@ -105,10 +107,7 @@ class _ModelSpec(_Strict):
     tta: TTAConfig = TTAConfig()
 
 
-class DetectorSpec(_ModelSpec):
-    score_thresh: float = Field(0.001, ge=0, le=1)
-    max_per_image: int = Field(100, ge=1, description="Detections kept per image and view.")
-    batch: int = Field(2, ge=1, description="Images per forward pass.")
+class DetectorSpec(_ModelSpec, DetectSettings):
     weight: float = Field(1.0, gt=0, description="Fusion weight of this detector (all its views).")
 
 
@@ -120,46 +119,11 @@ class OwnBoxesSpec(_Strict):
     tta: TTAConfig = Field(TTAConfig(), description="Views of the segmenter as a detector (pass two's views are `segmenter.tta`).")
 
 
-class SegmenterSpec(_ModelSpec):
+class SegmenterSpec(_ModelSpec, SegmentSettings):
     name: str = Field("segmenter", pattern=NAME_PATTERN)
-    mask_thresh: float = Field(0.5, gt=0, lt=1)
-    skip_invalid: bool = Field(
-        True, description="Drop (and count) boxes the segmenter cannot take instead of failing the shard."
-    )
     own_boxes: OwnBoxesSpec | None = Field(
         None, description="Also fuse the segmenter's own boxes in pass one (None: only the detectors' boxes)."
     )
-
-
-class FusionConfig(_Strict):
-    method: Literal["wbf", "soft-nms", "nms"] = "wbf"
-    iou_thr: float | None = Field(None, gt=0, lt=1, description="Default: 0.55 for wbf, 0.5 for soft-nms and nms.")
-    skip_box_thr: float = Field(0.0, ge=0, le=1)
-    conf_type: Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"] = "avg"
-    decay: Literal["gaussian", "linear"] = "gaussian"
-    sigma: float = Field(0.5, gt=0)
-    thresh: float = Field(0.001, ge=0, le=1)
-    rescore: bool | None = Field(
-        None, description="soft-nms: write the decayed scores (Bodla et al.). Default: true for soft-nms."
-    )
-    max_per_image: int = Field(100, ge=1)
-
-    def fuse_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `ensemble.fuse` (defaults filled in, so they can be hashed)."""
-        from ensemble.table_fusion import DEFAULT_IOU_THR
-
-        rescore = self.method == "soft-nms" if self.rescore is None else self.rescore
-        return dict(
-            method=self.method,
-            iou_thr=DEFAULT_IOU_THR[self.method] if self.iou_thr is None else self.iou_thr,
-            skip_box_thr=self.skip_box_thr,
-            conf_type=self.conf_type,
-            decay=self.decay,
-            sigma=self.sigma,
-            thresh=self.thresh,
-            rescore=rescore,
-            max_per_image=self.max_per_image,
-        )
 
 
 class EvaluationConfig(_Strict):
@@ -173,7 +137,7 @@ class PipelineConfig(_Strict):
     name: str = Field("twopass", pattern=NAME_PATTERN)
     data: DataConfig
     detectors: list[DetectorSpec] = Field(min_length=1)
-    fusion: FusionConfig = FusionConfig()
+    fusion: FuseSettings = FuseSettings()
     segmenter: SegmenterSpec
     evaluation: EvaluationConfig = EvaluationConfig()
     device: Literal["cpu", "cuda"] = "cpu"

@@ -109,13 +109,3 @@ def evaluate(
             out["per_category"][iou_type] = table
     return out
 
-
-def format_metrics(metrics: dict, title: str = "") -> str:
-    """A small fixed-width text table of the main metrics, for terminals and logs."""
-    lines = [title] if title else []
-    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")
-    lines.append(f"{'':6}" + "".join(f"{k:>8}" for k in keys))
-    for t in ("bbox", "segm"):
-        if t in metrics:
-            lines.append(f"{t:6}" + "".join(f"{metrics[t][k]:8.3f}" for k in keys))
-    return "\n".join(lines)

@@ -7,17 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from detector.cli import _parse_scales, make_train_command
+from twopass.detector.cli import make_train_command, parse_scales
+from twopass.pipeline.settings import SEGMENT, SegmentSettings, help_of
 
 
-def _load_segmenter_builders():
-    from .config import load_segmenter_config
-    from .model import build_segmenter
+def _segmenter_kind():
+    from .api import SEGMENTER
 
-    return load_segmenter_config, build_segmenter
+    return SEGMENTER
 
 
-train_segmenter = make_train_command("segmenter", _load_segmenter_builders)
+train_segmenter = make_train_command("segmenter", _segmenter_kind)
 
 
 def segment(
@@ -29,69 +29,29 @@ def segment(
     coco_json: Annotated[Optional[Path], typer.Option(help="Also write the instances as a COCO results JSON.")] = None,
     tta_scales: Annotated[Optional[str], typer.Option(help="Comma-separated shorter sides (default: the config's test size).")] = None,
     tta_flip: Annotated[bool, typer.Option(help="Add a mirrored view of every scale.")] = False,
-    mask_thresh: Annotated[float, typer.Option(help="Pixels whose averaged probability exceeds this are in the mask.")] = 0.5,
-    skip_invalid: Annotated[bool, typer.Option(help="Drop (and count in the output's metadata) rows that cannot be segmented, instead of failing.")] = False,
+    mask_thresh: Annotated[float, typer.Option(help=help_of(SegmentSettings, "mask_thresh"))] = SEGMENT.mask_thresh,
+    skip_invalid: Annotated[bool, typer.Option(help=help_of(SegmentSettings, "skip_invalid"))] = SEGMENT.skip_invalid,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     fast: Annotated[bool, typer.Option(help="Fold frozen BatchNorm into convolutions, channels-last on CPU.")] = True,
 ) -> None:
     """Masks for given boxes: the segmenter's backbone and mask head on each box, with mask TTA."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from twopass.detector.api import load_for_inference, views_of
+    from twopass.pipeline.cli import progress_bar
+    from twopass.pipeline.coco import ImageSet
+    from twopass.pipeline.fileio import write_json
+    from twopass.pipeline.tables import to_coco_results
 
-    from detector.infer import make_views
-    from detector.speed import optimize_for_inference
-    from pipeline.coco import CocoIndex, ImageSet
-    from pipeline.fileio import write_json
-    from pipeline.tables import TableMeta, read_results, to_coco_results, write_table
+    from .api import SEGMENTER, segment_images
 
-    from .infer import segment as run_segment
-    from .model import load_segmenter
-
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
-    scales = _parse_scales(tta_scales)
-    model, meta = load_segmenter(checkpoint, device)
-    if fast:
-        model = optimize_for_inference(model)
-    if ann is not None:
-        index = CocoIndex.load(ann)
-        meta.categories.check_same(index.categories, f"{ann} against checkpoint {meta.path}")
-        image_set = index.image_set(images)
-    else:
-        image_set = ImageSet.from_folder(images)
-    table, det_meta = read_results(detections)
-    if det_meta.categories is not None:
-        meta.categories.check_same(det_meta.categories, f"{detections} against checkpoint {meta.path}")
-    views = make_views(scales or [model.config.input.test_size], tta_flip)
-    n_images = len(set(table.column("image_id").to_pylist()))
-    with Progress(TextColumn("segment"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()) as bar:
-        task = bar.add_task("segment", total=n_images)
-        instances, report = run_segment(
-            model,
-            meta.categories,
-            image_set,
-            table,
-            views,
-            mask_thresh=mask_thresh,
-            skip_invalid=skip_invalid,
-            what=str(detections),
-            device=device,
-            progress=lambda k: bar.update(task, completed=k),
-        )
-    tmeta = TableMeta(
-        kind="instances",
-        producer=f"segmenter:{model.config.name}",
-        categories=meta.categories,
-        config=meta.config,
-        dataset=str(ann or images),
-        extra={
-            "checkpoint": str(meta.path),
-            "detections": str(detections),
-            "views": [v.source(model.config.name) for v in views],
-            "mask_thresh": mask_thresh,
-            "skipped": dict(report.skipped),
-        },
-    )
-    write_table(out, instances, tmeta)
+    settings = SegmentSettings(mask_thresh=mask_thresh, skip_invalid=skip_invalid)
+    scales = parse_scales(tta_scales)
+    loaded = load_for_inference(SEGMENTER, checkpoint, device, fast)
+    image_set = ImageSet.open(images, ann=ann)
+    views = views_of(loaded.meta.path, scales, tta_flip)
+    with progress_bar() as bar:
+        task = bar.add_task("segment", total=None)
+        instances, _, report = segment_images(loaded, image_set, detections, views, settings, device=device, out=out,
+                                              progress=lambda k: bar.update(task, completed=k))  # fmt: skip
     if coco_json is not None:
         write_json(coco_json, to_coco_results(instances))
     skipped = sum(report.skipped.values())

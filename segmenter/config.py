@@ -11,17 +11,17 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from detector.config import MaskHeadConfig, ModelConfig, config_from_dict, load_config
+from twopass.detector.config import MaskHeadConfig, ModelConfig, config_from_dict, load_config
 
 
 class SegmenterMaskConfig(MaskHeadConfig):
     enabled: bool = True
     # standard: 4 conv3x3 256, deconv, 28x28. heavier: 8 conv3x3 with GroupNorm plus the
-    # fully-connected fusion branch (METHOD.md, "Heavier Header").
+    # fully-connected fusion branch (docs/method.md §8, heavier mask head).
     type: Literal["standard", "heavier"] = "standard"
     # PANet adaptive feature pooling for the mask RoIs.
     multi_scale_roi: bool = False
-    # Sobel edge term on top of sigmoid cross-entropy (METHOD.md, "Mask Edge Loss").
+    # Sobel edge term on top of sigmoid cross-entropy (docs/method.md §9, mask edge loss).
     edge_loss: Literal["none", "sobel"] = "none"
     edge_weight: float = Field(1.0, ge=0)
     # Which conv feeds the fc fusion branch (PANet: the third).

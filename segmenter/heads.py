@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detector.config import RoIPoolConfig
-from detector.heads import LevelPooler
+from twopass.detector.config import RoIPoolConfig
+from twopass.detector.heads import LevelPooler
 
 
 def _conv3x3(i: int, o: int, norm: Callable[[int], nn.Module] | None) -> nn.Sequential:

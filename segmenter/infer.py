@@ -17,11 +17,11 @@ import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
-from detector.infer import View, inference_settings, make_view_image, to_view
-from pipeline.categories import Categories
-from pipeline.coco import ImageSet
-from pipeline.masks import paste_and_encode
-from pipeline.tables import boxes_of, empty_table, instances_table
+from twopass.detector.infer import View, inference_settings, make_view_image, to_view
+from twopass.pipeline.categories import Categories
+from twopass.pipeline.coco import ImageSet
+from twopass.pipeline.masks import paste_and_encode
+from twopass.pipeline.tables import boxes_of, empty_table, instances_table
 
 
 @torch.inference_mode()

@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
-from detector.backbone import head_norm
-from detector.checkpoint import load_model
-from detector.model import Detector, build_detector
+from twopass.detector.backbone import head_norm
+from twopass.detector.checkpoint import load_model
+from twopass.detector.model import Detector, build_detector
 
 from .config import SegmenterConfig, segmenter_config_from_dict
 from .heads import MaskBranch

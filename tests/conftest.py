@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 @pytest.fixture(scope="session")
 def synth_small(tmp_path_factory) -> Path:
     """8 images of 128 px (seed 0): `root/images/*.png`, `root/annotations.json`."""
-    from pipeline.synth import generate
+    from twopass.pipeline.synth import generate
 
     root = tmp_path_factory.mktemp("synth_small")
     generate(root, num_images=8, size=128, seed=0)

@@ -91,7 +91,7 @@ def test_one_seed_of_two_and_the_comparison_picture(ablation, tmp_path):
 def test_baseline_boxes_rows_share_the_baseline_boxes(ablation, tmp_path):
     """header_bb rows: each segmenter's masks on the baseline segmenter's own boxes. The baseline's
     row on its own boxes reproduces its end-to-end masks; another segmenter keeps the boxes."""
-    from pipeline.tables import read_table
+    from twopass.pipeline.tables import read_table
 
     budget = ablation.Budget("tiny", train_images=4, val_images=2, iters=2, batch=1, warmup_iters=1, checkpoint_every=2)
     rows = ablation.select_rows("baseline,bb_baseline,bb_lsh")

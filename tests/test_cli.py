@@ -4,13 +4,13 @@ import sys
 
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from twopass.pipeline.cli import app
 
 runner = CliRunner()
 
 
 def test_help_lists_commands():
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "twopass.pipeline.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0
     for cmd in ("synth", "evaluate", "show", "images"):
         assert cmd in r.stdout
@@ -36,7 +36,7 @@ def test_synth_evaluate_show(tmp_path):
 
 def test_user_error_is_one_line_exit_2(tmp_path):
     (tmp_path / "r.json").write_text("[]")
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "evaluate", "--ann", str(tmp_path / "nope.json"),
+    r = subprocess.run([sys.executable, "-m", "twopass.pipeline.cli", "evaluate", "--ann", str(tmp_path / "nope.json"),
                         "--results", str(tmp_path / "r.json")], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip() == f"twopass: error: {tmp_path / 'nope.json'}: no such file"

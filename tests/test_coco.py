@@ -1,5 +1,4 @@
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -7,7 +6,7 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline.coco import CocoDataset, CocoIndex, DataError, ImageSet, collate
+from twopass.pipeline.coco import CocoDataset, DataError, ImageSet, collate
 
 
 def write_coco(root, anns=None, images=None, cats=None, size=(20, 30)):

@@ -24,7 +24,7 @@ def test_naive_sync_batchnorm_equals_batchnorm_over_all_processes(tmp_path):
     script.write_text(textwrap.dedent(
         f"""
         import torch, torch.distributed as dist
-        from detector.backbone import NaiveSyncBatchNorm
+        from twopass.detector.backbone import NaiveSyncBatchNorm
         dist.init_process_group("gloo")
         rank = dist.get_rank()
         g = torch.Generator().manual_seed(0)
@@ -71,7 +71,7 @@ def test_two_process_ddp_training_on_cpu(synth_small, tmp_path):
     cfg = tmp_path / "tiny_sync.yaml"
     cfg.write_text(TINY_SYNC)
     ann, images, run = synth_small / "annotations.json", synth_small / "images", tmp_path / "run"
-    args = ["-m", "pipeline.cli", "train-detector", "--config", str(cfg), "--train-ann", str(ann), "--train-images", str(images),
+    args = ["-m", "twopass.pipeline.cli", "train-detector", "--config", str(cfg), "--train-ann", str(ann), "--train-images", str(images),
             "--out", str(run), "--iters", "3", "--batch", "2", "--no-progress", "--val-ann", str(ann), "--val-images", str(images)]
     p = subprocess.run([*TORCHRUN, *args], capture_output=True, text=True, env=ENV, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -81,7 +81,7 @@ def test_two_process_ddp_training_on_cpu(synth_small, tmp_path):
     assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3]  # one process writes the log
     assert "bbox" in records[-1]["val"]
     # the checkpoint of a 2-process run loads in one process
-    from detector.checkpoint import load_detector
+    from twopass.detector.checkpoint import load_detector
 
     model, _ = load_detector(run)
     assert not any(type(m).__name__ == "NaiveSyncBatchNorm" for m in model.modules())

@@ -12,12 +12,12 @@ from PIL import Image
 from torch import nn
 from torchvision.models.detection.transform import _resize_image_and_masks
 
-from detector.config import ModelConfig
-from detector.infer import View, detect, flip_boxes, from_view, make_view_image, make_views, predict, to_view, view_size, inference_settings
-from detector.model import build_detector
-from detector.speed import fold_batchnorm, optimize_for_inference
-from pipeline.categories import Categories
-from pipeline.coco import ImageSet
+from twopass.detector.config import ModelConfig
+from twopass.detector.infer import View, detect, flip_boxes, from_view, make_view_image, make_views, predict, to_view, view_size, inference_settings
+from twopass.detector.model import build_detector
+from twopass.detector.speed import fold_batchnorm, optimize_for_inference
+from twopass.pipeline.categories import Categories
+from twopass.pipeline.coco import ImageSet
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -177,7 +177,7 @@ def test_batchnorm_folding_and_channels_last_keep_outputs(backbone):
 
 def test_fold_counts_every_resnet_batchnorm():
     import torchvision
-    from detector.backbone import freeze_batchnorm
+    from twopass.detector.backbone import freeze_batchnorm
 
     net = freeze_batchnorm(torchvision.models.resnet50(weights=None))
     assert fold_batchnorm(net) == 53  # stem + 16 blocks x 3 + 4 downsample
@@ -187,7 +187,7 @@ def test_fold_counts_every_resnet_batchnorm():
 def test_sparse_roi_align_equals_torchvision(ratio, out):
     from torchvision.ops import roi_align
 
-    from detector.heads import roi_align_channels_last
+    from twopass.detector.heads import roi_align_channels_last
 
     g = torch.Generator().manual_seed(ratio)
     x = torch.randn(2, 8, 23, 37, generator=g)
@@ -205,9 +205,9 @@ def test_sparse_roi_align_equals_torchvision(ratio, out):
 def test_validation_scores_as_coco_does(synth_small, monkeypatch):
     """The training validator keeps detections down to 0.001 (the top 100 an image), not the
     model's own 0.05, so that early learning curves are not understated."""
-    import pipeline.evaluate
-    from detector.infer import EVAL_MAX_PER_IMAGE, EVAL_SCORE_THRESH, make_validator
-    from pipeline.coco import CocoIndex
+    import twopass.pipeline.evaluate
+    from twopass.detector.infer import EVAL_MAX_PER_IMAGE, EVAL_SCORE_THRESH, make_validator
+    from twopass.pipeline.coco import CocoIndex
 
     index = CocoIndex.load(synth_small / "annotations.json")
     # the model's own settings: score_thresh 0.05, 20 detections an image
@@ -217,7 +217,7 @@ def test_validation_scores_as_coco_does(synth_small, monkeypatch):
     with torch.no_grad():  # every foreground class scores about e^0 / (e^4 + 8) ~ 0.016 < 0.05
         model.roi_heads.box_predictors[0].cls_score.bias[0] = 4.0
     seen = {}
-    monkeypatch.setattr(pipeline.evaluate, "evaluate", lambda gt, table, iou_types: seen.setdefault("table", table) and {})
+    monkeypatch.setattr(twopass.pipeline.evaluate, "evaluate", lambda gt, table, iou_types: seen.setdefault("table", table) and {})
     make_validator(synth_small / "annotations.json", synth_small / "images", index.categories)(model)
     scores = seen["table"].column("score").to_numpy()
     assert len(scores) and scores.max() < 0.05 and scores.min() >= EVAL_SCORE_THRESH

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from detector.backbone import BackboneError, build_backbone
-from detector.config import CONFIG_DIR, ConfigError, ModelConfig, config_from_dict, load_config
-from detector.heads import LevelPooler, LocationSensitiveHead, TwoFCHead
-from detector.model import build_detector
+from twopass.detector.backbone import BackboneError, build_backbone
+from twopass.detector.config import CONFIG_DIR, ConfigError, ModelConfig, config_from_dict, load_config
+from twopass.detector.heads import LevelPooler, LocationSensitiveHead, TwoFCHead
+from twopass.detector.model import build_detector
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -253,7 +253,7 @@ def test_backbone_weights_from_a_local_file(tmp_path):
 
 def test_level_mapping_follows_the_configured_canonical_scale():
     """FPN's Eqn. 1: level = floor(k0 + log2(sqrt(wh) / s0)), clamped to the RoI levels."""
-    from detector.config import RoIPoolConfig
+    from twopass.detector.config import RoIPoolConfig
 
     levels = [2, 3, 4, 5]
     feats = [torch.full((1, 1, 256 // 2**l, 256 // 2**l), float(l)) for l in levels]  # boxes lie inside
@@ -277,7 +277,7 @@ def test_level_pooler_matches_torchvision_roi_align(aligned):
     inference) give torchvision's roi_align with the same `aligned`."""
     from torchvision.ops import roi_align
 
-    from detector.config import RoIPoolConfig
+    from twopass.detector.config import RoIPoolConfig
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 6, 19, 23, generator=g)

@@ -5,20 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from detector.checkpoint import CheckpointError, load_detector, read_meta, save_checkpoint
-from detector.config import ModelConfig, TrainConfig
-from detector.infer import make_validator
-from detector.model import build_detector
-from detector.train import TrainOptions, effective_lr, lr_at, train
-from pipeline.categories import Categories
-from pipeline.coco import CocoDataset
+from twopass.detector.checkpoint import CheckpointError, load_detector, read_meta, save_checkpoint
+from twopass.detector.config import ModelConfig, TrainConfig
+from twopass.detector.infer import make_validator
+from twopass.detector.model import build_detector
+from twopass.detector.train import TrainOptions, effective_lr, lr_at, train
+from twopass.pipeline.categories import Categories
+from twopass.pipeline.coco import CocoDataset
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -221,7 +220,7 @@ runner = CliRunner()
 
 
 def test_cli_train_detect_and_user_errors(synth_small, tmp_path):
-    from pipeline.cli import app
+    from twopass.pipeline.cli import app
 
     cfg = tmp_path / "tiny.yaml"
     cfg.write_text(TINY_YAML)
@@ -238,7 +237,7 @@ def test_cli_train_detect_and_user_errors(synth_small, tmp_path):
     r = runner.invoke(app, ["detect", "--checkpoint", str(run), "--images", str(images), "--ann", str(ann), "--out", str(out),
                             "--tta-scales", "48,64", "--tta-flip", "--max-per-image", "20"])
     assert r.exit_code == 0, r.output
-    from pipeline.tables import read_table
+    from twopass.pipeline.tables import read_table
 
     table, meta = read_table(out, "detections")
     assert set(table.column("source").to_pylist()) == {"tiny@48", "tiny@48+flip", "tiny@64", "tiny@64+flip"}
@@ -247,7 +246,7 @@ def test_cli_train_detect_and_user_errors(synth_small, tmp_path):
     assert meta.extra["views"] == ["tiny@48", "tiny@48+flip", "tiny@64", "tiny@64+flip"]
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True)
+        return subprocess.run([sys.executable, "-m", "twopass.pipeline.cli", *args], capture_output=True, text=True)
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY_YAML.replace("location_sensitive", "lsd"))

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ensemble import nms, soft_nms, weighted_boxes_fusion
-from ensemble.synthetic import detections
+from twopass.ensemble import nms, soft_nms, weighted_boxes_fusion
+from twopass.ensemble.synthetic import detections
 
 SIZE = (480.0, 640.0)  # (height, width)
 

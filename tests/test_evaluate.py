@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.evaluate import STAT_NAMES, evaluate
-from pipeline.tables import TableMeta, from_coco_results, write_table
+from twopass.pipeline.evaluate import STAT_NAMES, evaluate
+from twopass.pipeline.tables import TableMeta, from_coco_results, write_table
 
 
 def perturbed(gt, seed=0):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.config import PipelineConfig, PipelineConfigError, load_pipeline_config, pipeline_config_from_dict
+from twopass.pipeline.config import PipelineConfig, PipelineConfigError, load_pipeline_config, pipeline_config_from_dict
 
 BASE = {
     "data": {"images": "data/images", "ann": "data/annotations.json", "shard_size": 4},
@@ -29,11 +29,11 @@ def test_yaml_round_trip_and_relative_paths(tmp_path):
 
 def test_defaults():
     cfg = pipeline_config_from_dict(BASE)
-    assert cfg.fusion.fuse_kwargs()["iou_thr"] == 0.55 and cfg.fusion.fuse_kwargs()["rescore"] is False
+    assert cfg.fusion.resolved()["iou_thr"] == 0.55 and cfg.fusion.resolved()["rescore"] is False
     soft = pipeline_config_from_dict({**BASE, "fusion": {"method": "soft-nms"}})
     # Soft-NMS writes the decayed scores unless told otherwise (ensemble_boxes keeps the input scores).
-    assert soft.fusion.fuse_kwargs()["rescore"] is True and soft.fusion.fuse_kwargs()["iou_thr"] == 0.5
-    assert pipeline_config_from_dict({**BASE, "fusion": {"method": "soft-nms", "rescore": False}}).fusion.fuse_kwargs()["rescore"] is False
+    assert soft.fusion.resolved()["rescore"] is True and soft.fusion.resolved()["iou_thr"] == 0.5
+    assert pipeline_config_from_dict({**BASE, "fusion": {"method": "soft-nms", "rescore": False}}).fusion.resolved()["rescore"] is False
     assert cfg.segmenter.name == "segmenter" and cfg.device == "cpu"
 
 

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from test_flows_support import config, counts, random_checkpoints
 
-import flows
+import twopass.flows
 
-REPO = Path(flows.__file__).resolve().parents[1]
+REPO = Path(twopass.flows.__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -52,7 +52,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_segment_flow_runs_by_deployment(synth_small, tmp_path):
-    from pipeline.config import write_pipeline_config
+    from twopass.pipeline.config import write_pipeline_config
 
     ckpts = random_checkpoints(tmp_path / "models", synth_small / "annotations.json")
     cfg_path = write_pipeline_config(tmp_path / "pipeline.yaml", config(synth_small, ckpts))
@@ -120,7 +120,7 @@ def test_demo_command_end_to_end_on_a_tiny_budget(tmp_path):
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     r = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "demo", "--out", str(out), "--train-images", "16", "--val-images", "8", "--budget", "5"],
+        [sys.executable, "-m", "twopass.pipeline.cli", "demo", "--out", str(out), "--train-images", "16", "--val-images", "8", "--budget", "5"],
         capture_output=True, text=True, env=env, cwd=REPO,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_flows_support import config, random_checkpoints
 
-from flows.stages import read_ledger
+from twopass.pipeline.runfolder import read_ledger
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +26,17 @@ def _shard_keys(entries) -> set[tuple[str, str, str]]:
 
 
 def test_sigkill_mid_run_then_rerun_equals_uninterrupted(synth_small, ckpts, tmp_path):
-    from pipeline.config import write_pipeline_config
-    from pipeline.tables import read_table
+    from twopass.pipeline.config import write_pipeline_config
+    from twopass.pipeline.tables import read_table
 
-    from flows.plain import two_pass_plain
+    from twopass.segmenter.two_pass import two_pass_plain
 
     cfg = config(synth_small, ckpts, shard_size=1)  # 8 shards: 16 detections, 8 fusions, 8 segmentations
     cfg_path = write_pipeline_config(tmp_path / "pipeline.yaml", cfg)
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # the embedded server
     env["PREFECT_HOME"] = str(tmp_path / "prefect_home")
-    cmd = [sys.executable, "-m", "pipeline.cli", "flow", "run", "--config", str(cfg_path), "--out", str(run)]
+    cmd = [sys.executable, "-m", "twopass.pipeline.cli", "flow", "run", "--config", str(cfg_path), "--out", str(run)]
     log = (tmp_path / "killed.log").open("w")
     # Its own process group, so the kill reaches the embedded server's process too.
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=Path.cwd())

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from test_flows_support import config, copy_data, counts, ledger_len, random_checkpoints
 
-import flows  # noqa: F401  (Prefect defaults before Prefect is imported)
+import twopass.flows  # noqa: F401  (Prefect defaults before Prefect is imported)
 
 
 @pytest.fixture(scope="session")
@@ -59,9 +59,9 @@ def task_states(flow_state, shard_tasks: int) -> dict[str, str]:
 def test_rerun_skips_and_changes_rerun_only_what_they_touch(harness, synth_small, ckpts, tmp_path):
     from prefect.artifacts import Artifact
 
-    from flows.prefect_flows import segment_flow, two_pass_flow
-    from flows.stages import read_ledger
-    from pipeline.tables import read_table
+    from twopass.flows.prefect_flows import segment_flow, two_pass_flow
+    from twopass.pipeline.runfolder import read_ledger
+    from twopass.pipeline.tables import read_table
 
     run = tmp_path / "run"
     cfg = config(synth_small, ckpts)
@@ -78,7 +78,7 @@ def test_rerun_skips_and_changes_rerun_only_what_they_touch(harness, synth_small
     assert md is not None and "data:image/jpeg;base64," in md.data
 
     # evaluate_flow alone on the same files: the cached metrics, the report written again.
-    from flows.prefect_flows import evaluate_flow
+    from twopass.flows.prefect_flows import evaluate_flow
 
     (run / "report.md").unlink()
     ev = evaluate_flow(cfg, result["detections"], result["fused"], result["instances"], run_dir=str(run))
@@ -119,7 +119,7 @@ def test_rerun_skips_and_changes_rerun_only_what_they_touch(harness, synth_small
 
 
 def test_corrupt_image_fails_its_shard_and_the_rest_finish(harness, synth_small, ckpts, tmp_path):
-    from flows.prefect_flows import FlowFailed, two_pass_flow
+    from twopass.flows.prefect_flows import FlowFailed, two_pass_flow
 
     data = copy_data(synth_small, tmp_path / "data")
     images = json.loads((data / "annotations.json").read_text())["images"]
@@ -145,7 +145,7 @@ def test_corrupt_image_fails_its_shard_and_the_rest_finish(harness, synth_small,
 def test_prefect_validates_the_config_parameter(harness, synth_small, ckpts, tmp_path):
     from prefect.exceptions import ParameterTypeError
 
-    from flows.prefect_flows import two_pass_flow
+    from twopass.flows.prefect_flows import two_pass_flow
 
     bad = config(synth_small, ckpts).to_dict()
     bad["fusion"]["method"] = "nmw"
@@ -154,14 +154,14 @@ def test_prefect_validates_the_config_parameter(harness, synth_small, ckpts, tmp
     assert not (tmp_path / "run").exists()
     good = config(synth_small, ckpts).to_dict()  # a plain mapping (as a deployment sends it) is fine
     good["data"]["shard_size"] = "8"  # coerced to 8: one shard
-    from flows.prefect_flows import detect_flow
+    from twopass.flows.prefect_flows import detect_flow
 
     out = detect_flow(good, str(tmp_path / "run"))
     assert set(out) == {"a", "b"} and counts(tmp_path / "run") == {"detect": 2, "merge": 2}
 
 
 def test_train_flow_trains_once_then_two_pass_finds_the_models(harness, synth_small, tmp_path):
-    from flows.prefect_flows import train_flow, two_pass_flow
+    from twopass.flows.prefect_flows import train_flow, two_pass_flow
 
     cfg = config(synth_small, None, shard_size=8, evaluation={"enabled": False, "overlays": 0})
     run = tmp_path / "run"
@@ -183,7 +183,7 @@ def test_train_flow_trains_once_then_two_pass_finds_the_models(harness, synth_sm
 
 def test_dask_task_runner_gives_the_same_files(harness, synth_small, ckpts, tmp_path):
     pytest.importorskip("prefect_dask")
-    from flows.prefect_flows import detect_flow, task_runner
+    from twopass.flows.prefect_flows import detect_flow, task_runner
 
     cfg = config(synth_small, ckpts)
     threads = detect_flow(cfg, str(tmp_path / "threads"))

@@ -35,14 +35,14 @@ def save_random(path: Path, kind: str, model: dict[str, Any], categories, seed: 
     """A checkpoint of a randomly initialised model (no training), as the engine writes them."""
     import torch
 
-    from detector.checkpoint import save_checkpoint
+    from twopass.detector.checkpoint import save_checkpoint
 
     if kind == "detector":
-        from detector.config import config_from_dict
-        from detector.model import build_detector as build
+        from twopass.detector.config import config_from_dict
+        from twopass.detector.model import build_detector as build
     else:
-        from segmenter.config import segmenter_config_from_dict as config_from_dict
-        from segmenter.model import build_segmenter as build
+        from twopass.segmenter.config import segmenter_config_from_dict as config_from_dict
+        from twopass.segmenter.model import build_segmenter as build
     cfg = config_from_dict(model)
     torch.manual_seed(seed)
     net = build(cfg, categories.num_classes)
@@ -51,8 +51,8 @@ def save_random(path: Path, kind: str, model: dict[str, Any], categories, seed: 
 
 def random_checkpoints(base: Path, ann: Path) -> dict[str, Path]:
     """Two detectors (different heads) and a segmenter with random weights; made once per base."""
-    from detector.checkpoint import last_meta
-    from pipeline.coco import CocoIndex
+    from twopass.detector.checkpoint import last_meta
+    from twopass.pipeline.coco import CocoIndex
 
     cats = CocoIndex.load(ann).categories
     out = {}
@@ -70,7 +70,7 @@ def random_checkpoints(base: Path, ann: Path) -> dict[str, Path]:
 
 def config(data_dir: Path, ckpts: dict[str, Path] | None, shard_size: int = 3, **changes: Any):
     """A pipeline config over a synthetic set: detectors a (one view) and b (2 scales x flip)."""
-    from pipeline.config import PipelineConfig
+    from twopass.pipeline.config import PipelineConfig
 
     ck = (lambda n: str(ckpts[n])) if ckpts else (lambda n: None)
     d = {
@@ -98,12 +98,12 @@ def copy_data(src: Path, dst: Path) -> Path:
 
 def counts(run_dir: Path, since: int = 0) -> dict[str, int]:
     """Stage executions that computed, from the ledger (lines after the first `since`)."""
-    from flows.stages import read_ledger, stage_counts
+    from twopass.pipeline.runfolder import read_ledger, stage_counts
 
     return stage_counts(read_ledger(run_dir)[since:])
 
 
 def ledger_len(run_dir: Path) -> int:
-    from flows.stages import read_ledger
+    from twopass.pipeline.runfolder import read_ledger
 
     return len(read_ledger(run_dir))

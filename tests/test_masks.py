@@ -4,7 +4,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-from pipeline.masks import paste_and_encode, rle_from_region
+from twopass.pipeline.masks import paste_and_encode, rle_from_region
 
 
 def reference(probs, boxes, size, thresh=0.5):

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from segmenter.heads import MaskBranch
-from segmenter.losses import edge_loss, mask_loss, sobel_edges
+from twopass.segmenter.heads import MaskBranch
+from twopass.segmenter.losses import edge_loss, mask_loss, sobel_edges
 
 
 def feats(levels=(2, 3, 4, 5), c=16, size=64):

@@ -3,13 +3,13 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from detector.config import ModelConfig
-from detector.model import build_detector
-from pipeline.categories import Categories
-from pipeline.coco import CocoIndex
-from pipeline.tables import detections_table, rles_of
-from detector.infer import View, make_views, to_view
-from segmenter.infer import mask_probs, segment
+from twopass.detector.config import ModelConfig
+from twopass.detector.model import build_detector
+from twopass.pipeline.categories import Categories
+from twopass.pipeline.coco import CocoIndex
+from twopass.pipeline.tables import detections_table, rles_of
+from twopass.detector.infer import View, make_views, to_view
+from twopass.segmenter.infer import mask_probs, segment
 
 SIZE = 64
 
@@ -99,7 +99,7 @@ def test_image_whose_size_differs_from_the_annotation_is_named(model, synth_smal
 
     from PIL import Image
 
-    from pipeline.coco import DataError
+    from twopass.pipeline.coco import DataError
 
     shutil.copytree(synth_small / "images", tmp_path / "images")
     Image.new("RGB", (100, 90)).save(tmp_path / "images" / "000002.png")

@@ -9,15 +9,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from detector.infer import detect, make_views
-from pipeline.coco import CocoDataset, CocoIndex
-from pipeline.evaluate import evaluate
-from pipeline.synth import generate
-from pipeline.tables import from_coco_results
-from segmenter.config import SegmenterConfig, load_segmenter_config
-from segmenter.infer import segment
-from segmenter.model import build_segmenter, load_segmenter
-from detector.train import TrainOptions, train
+from twopass.detector.infer import detect, make_views
+from twopass.pipeline.coco import CocoDataset, CocoIndex
+from twopass.pipeline.evaluate import evaluate
+from twopass.pipeline.synth import generate
+from twopass.pipeline.tables import from_coco_results
+from twopass.segmenter.config import SegmenterConfig, load_segmenter_config
+from twopass.segmenter.infer import segment
+from twopass.segmenter.model import build_segmenter, load_segmenter
+from twopass.detector.train import TrainOptions, train
 
 SWITCHES = [
     dict(),
@@ -117,9 +117,9 @@ def test_masks_on_ground_truth_boxes_beat_own_boxes_on_held_out_images(overfit, 
 
 
 def test_cli_segments_boxes_from_a_json_file(quick, synth_small, tmp_path):
-    from detector.checkpoint import save_checkpoint
-    from pipeline.cli import app
-    from pipeline.tables import read_table
+    from twopass.detector.checkpoint import save_checkpoint
+    from twopass.pipeline.cli import app
+    from twopass.pipeline.tables import read_table
 
     model, categories = quick
     ckpt = save_checkpoint(tmp_path / "seg", model, kind="segmenter", config=model.config.to_dict(),
@@ -163,7 +163,7 @@ def test_config_errors_name_the_field(tmp_path):
 
 
 def test_segmenter_configs_load():
-    from detector.config import CONFIG_DIR
+    from twopass.detector.config import CONFIG_DIR
 
     names = sorted(p.stem for p in CONFIG_DIR.glob("*_seg.yaml"))
     assert {"r50_seg", "r50_lsh_seg", "shufflev2_gap_lsh_seg", "r18_cpu_seg", "r18_lsh_cpu_seg"} <= set(names)

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.synth import CATEGORIES, DIFFICULTIES, generate, make_image
+from twopass.pipeline.synth import CATEGORIES, DIFFICULTIES, generate, make_image
 
 LEVELS = list(DIFFICULTIES)
 
@@ -141,11 +141,11 @@ def test_a_fixed_model_learns_easy_before_standard_before_hard(tmp_path):
     images of that level orders easy > standard > hard."""
     import torch
 
-    from detector.config import ModelConfig
-    from detector.infer import make_validator
-    from detector.model import build_detector
-    from detector.train import TrainOptions, train
-    from pipeline.coco import CocoDataset
+    from twopass.detector.config import ModelConfig
+    from twopass.detector.infer import make_validator
+    from twopass.detector.model import build_detector
+    from twopass.detector.train import TrainOptions, train
+    from twopass.pipeline.coco import CocoDataset
 
     cfg = ModelConfig.model_validate(
         dict(

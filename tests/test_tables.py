@@ -13,8 +13,8 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline.categories import Categories
-from pipeline.tables import (
+from twopass.pipeline.categories import Categories
+from twopass.pipeline.tables import (
     DETECTIONS_SCHEMA,
     INSTANCES_SCHEMA,
     TableMeta,
@@ -182,7 +182,7 @@ def test_write_killed_midway_leaves_old_file_intact(tmp_path):
     script = textwrap.dedent(
         f"""
         import time, numpy as np, pyarrow.parquet as pq
-        from pipeline.tables import TableMeta, detections_table, write_table
+        from twopass.pipeline.tables import TableMeta, detections_table, write_table
         real = pq.write_table
         def slow(table, where, **kw):
             with open(where, "wb") as f:

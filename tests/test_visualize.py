@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.tables import detections_table
-from pipeline.visualize import best_per_image
+from twopass.pipeline.tables import detections_table
+from twopass.pipeline.visualize import best_per_image
 
 
 def test_best_per_image_keeps_the_k_best_of_each_image():

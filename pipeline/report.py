@@ -8,10 +8,10 @@ import io
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import PipelineConfig
-from pipeline.fileio import atomic_path, read_json
-
-from .stages import _coco_index, ap_table, open_images
+from .coco import CocoIndex
+from .config import PipelineConfig
+from .fileio import atomic_path, read_json
+from .runfolder import ap_table, open_images
 
 EXPLAIN = """\
 **How to read this.** Pass one runs each detector on every image, once per test-time view
@@ -23,14 +23,14 @@ threshold each. "box" rows score the boxes; "mask" scores the masks of the final
 
 def render_pictures(run_dir: str | Path, config: PipelineConfig, fused: str | None, instances: str | None) -> list[Path]:
     """Ground truth | fused boxes | final masks, for the first `evaluation.overlays` images."""
-    from pipeline.tables import read_results
-    from pipeline.visualize import best_per_image, render_image
+    from .tables import read_results
+    from .visualize import best_per_image, render_image
 
     n = config.evaluation.overlays
     if n <= 0:
         return []
     image_set = open_images(config.data)
-    gt = _coco_index(Path(config.data.ann)) if config.data.ann else None
+    gt = CocoIndex.cached(config.data.ann) if config.data.ann else None
     panels: list[tuple[str, Any]] = []
     categories = gt.categories if gt else None
     top = config.evaluation.overlay_top
@@ -97,7 +97,7 @@ def build_report(
     lines.append(f"- images: `{config.data.images}`" + (f" ({config.data.ann})" if config.data.ann else ""))
     for d in config.detectors:
         lines.append(f"- detector **{d.name}**: {_views(d.tta)}, fusion weight {d.weight}")
-    f = config.fusion.fuse_kwargs()
+    f = config.fusion.resolved()
     lines.append(f"- fusion: **{f['method']}**, IoU threshold {f['iou_thr']}, at most {f['max_per_image']} boxes an image")
     s = config.segmenter
     lines.append(f"- segmenter **{s.name}**: mask views {_views(s.tta)}")

@@ -1,0 +1,1 @@
+"""Named model presets (`<name>.yaml`), shipped as package data so names resolve in an installed wheel."""

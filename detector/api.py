@@ -1,0 +1,205 @@
+"""Pass one's front doors: train a model, load one for inference, detect on a set of images.
+
+The CLI (`twopass train-detector`, `train-segmenter`, `detect`), the run-folder stages
+(`detector.stage`) and the benchmarks call these and nothing below them, so a setting means
+the same everywhere. Both model kinds train on one engine (`detector.train`); a `ModelKind`
+record says how to configure, build and load each (the segmenter's is `segmenter.api.SEGMENTER`).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+import torch
+from torch import nn
+
+from twopass.pipeline.coco import CocoDataset, ImageSet
+from twopass.pipeline.fileio import read_json
+from twopass.pipeline.settings import DETECT, DetectSettings
+from twopass.pipeline.tables import TableMeta, write_table
+
+from .checkpoint import CheckpointMeta, last_meta, load_model, resolve
+from .config import ConfigError, ModelConfig, config_from_dict, load_config
+from .infer import View, detect, make_validator, make_views
+from .model import build_detector
+from .speed import optimize_for_inference
+from .train import TrainOptions, TrainResult, train
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """How to configure, build and load one kind of model ("detector", "segmenter")."""
+
+    name: str
+    load_config: Callable[[str | Path], ModelConfig]  # a YAML path or a name in configs/
+    config_from_dict: Callable[[Any, str], ModelConfig]  # (mapping, where) -> validated config
+    build: Callable[..., nn.Module]  # (config, num_classes, backbone_weights=None) -> model
+
+    def config(self, model: str | Path | dict, where: str = "model") -> ModelConfig:
+        """The validated config of `model`: a mapping, a YAML path or a preset name; errors name `where`."""
+        if isinstance(model, dict):
+            return self.config_from_dict(model, where)
+        try:
+            return self.load_config(model)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+    def load(self, checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointMeta]:
+        """(model in eval mode, meta) from a checkpoint JSON, .safetensors or run folder."""
+        return load_model(checkpoint, self.name, self.config_from_dict, self.build, device)
+
+
+DETECTOR = ModelKind("detector", load_config, config_from_dict, build_detector)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_model(
+    kind: ModelKind,
+    config: ModelConfig,
+    train_ann: str | Path,
+    train_images: str | Path,
+    options: TrainOptions,
+    *,
+    backbone_weights: str | Path | None = None,
+    val_ann: str | Path | None = None,
+    val_images: str | Path | None = None,
+) -> TrainResult:
+    """Build a `kind` model from `config` and train it on COCO data into `options.out`.
+
+    With `options.resume`, the run folder's last checkpoint (if any) is continued; its config
+    must be `config` (compared through the config class, so fields added since keep their
+    defaults), and `backbone_weights` are then not loaded (the checkpoint holds them).
+    """
+    if (val_ann is None) != (val_images is None):
+        raise ValueError("--val-ann and --val-images go together")
+    if options.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {options.device!r}")
+    dataset = CocoDataset(train_ann, train_images, with_masks=config.mask_head.enabled)
+    meta = last_meta(options.out) if options.resume else None
+    if meta is not None:
+        if type(config).model_validate(meta.config).to_dict() != config.to_dict():
+            raise ValueError(f"--resume: config {config.name} differs from the one in {meta.path}")
+        backbone_weights = None
+    torch.manual_seed(config.train.seed if options.seed is None else options.seed)
+    model = kind.build(config, dataset.categories.num_classes, backbone_weights)
+    validate = None
+    if val_ann is not None:
+        validate = make_validator(val_ann, val_images, dataset.categories, batch=options.batch, device=options.device,
+                                  with_masks=config.mask_head.enabled)  # fmt: skip
+    options.sync_bn = config.norm.backbone == "sync_bn"
+    return train(model, dataset, options, config.train, kind=kind.name, config=config.to_dict(),
+                 categories=dataset.categories, validate=validate)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference; hold `lock` while using it (inference sets its thresholds)."""
+
+    model: nn.Module
+    meta: CheckpointMeta
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def name(self) -> str:
+        return self.model.config.name
+
+
+_CACHE: "OrderedDict[tuple, LoadedModel]" = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_CACHE_SIZE = 4
+
+
+def load_for_inference(kind: ModelKind, checkpoint: str | Path, device: str = "cpu", fast: bool = True) -> LoadedModel:
+    """The model of a checkpoint (JSON, .safetensors or run folder), in eval mode; `fast`:
+    BatchNorm folded and channels-last on CPU (`detector.speed`). Remembered per checkpoint
+    content within the process, so the shards of a run load each model once."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    path = resolve(checkpoint)
+    weights = path.with_suffix(".safetensors")
+    stamp = [(p.stat().st_size, p.stat().st_mtime_ns) for p in (path, weights) if p.is_file()]
+    key = (kind.name, str(path.resolve()), tuple(stamp), device, fast)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+            return hit
+    model, meta = kind.load(path, device)
+    loaded = LoadedModel(optimize_for_inference(model) if fast else model, meta)
+    with _CACHE_LOCK:
+        loaded = _CACHE.setdefault(key, loaded)
+        _CACHE.move_to_end(key)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return loaded
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def views_of(checkpoint: str | Path, scales: Sequence[int] | None, flip: bool) -> list[View]:
+    """Test-time views of a model: `scales` (shorter sides), else the model's test size; a
+    mirrored view of each with `flip`. Reads only the checkpoint's JSON."""
+    if not scales:
+        scales = [int(read_json(resolve(checkpoint))["config"]["input"]["test_size"])]
+    return make_views(scales, flip)
+
+
+def check_categories(loaded: LoadedModel, image_set: ImageSet) -> None:
+    """A model may only run on images annotated with its own category list."""
+    if image_set.categories is not None:
+        loaded.meta.categories.check_same(image_set.categories, f"{image_set.source} against checkpoint {loaded.meta.path}")
+
+
+# --------------------------------------------------------------------------- detection
+
+
+def detect_images(
+    loaded: LoadedModel,
+    image_set: ImageSet,
+    views: Sequence[View],
+    settings: DetectSettings = DETECT,
+    *,
+    name: str | None = None,
+    device: str = "cpu",
+    image_ids: Sequence[int] | None = None,
+    with_masks: bool = False,
+    out: str | Path | None = None,
+    extra: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[pa.Table, TableMeta]:
+    """Pass one of one model: its detections on `image_set` (or `image_ids` of it) through every
+    view, boxes XYXY in original pixels, COCO category ids. A segmenter run end to end
+    (`with_masks`) gives instances. Written to `out` when given; returns (table, meta)."""
+    check_categories(loaded, image_set)
+    name = name or loaded.name
+    with loaded.lock:
+        table = detect(
+            loaded.model, image_set, loaded.meta.categories, model_name=name, views=views, batch=settings.batch,
+            device=device, score_thresh=settings.score_thresh, max_per_image=settings.max_per_image,
+            image_ids=None if image_ids is None else list(image_ids), with_masks=with_masks, progress=progress,
+        )  # fmt: skip
+    meta = TableMeta(
+        kind="instances" if with_masks else "detections",
+        producer=f"{loaded.meta.kind}:{name}",
+        categories=loaded.meta.categories,
+        config=loaded.meta.config,
+        dataset=image_set.source,
+        extra={"checkpoint": str(loaded.meta.path), "iteration": loaded.meta.iteration,
+               "views": [v.source(name) for v in views], **(extra or {})},  # fmt: skip
+    )
+    if out is not None:
+        write_table(out, table, meta)
+    return table, meta

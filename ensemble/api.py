@@ -1,0 +1,84 @@
+"""Fusion's front door: several detections files (models, test-time views) in, one fused table out.
+
+`twopass fuse`, the run-folder stage (`ensemble.stage`) and the benchmarks call `fuse_files`
+with a `pipeline.settings.FuseSettings`, the one home of the fusion defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from twopass.pipeline.categories import Categories
+from twopass.pipeline.settings import FUSE, FuseSettings
+from twopass.pipeline.tables import TableMeta, read_results, write_table
+
+from .table_fusion import fuse
+
+
+def read_inputs(paths: Sequence[str | Path]) -> tuple[list[pa.Table], Categories | None]:
+    """Tables of all inputs and their category list; Parquet category lists must agree.
+
+    COCO results JSON files record no categories: their ids are checked against the list.
+    """
+    paths = [Path(p) for p in paths]
+    tables: list[Any] = [None] * len(paths)
+    categories, first = None, None
+    for i, path in enumerate(paths):
+        if path.suffix.lower() != ".json":
+            tables[i], meta = read_results(path)
+            if meta.categories is not None and categories is None:
+                categories, first = meta.categories, path
+            elif meta.categories is not None:
+                categories.check_same(meta.categories, f"{path} (against {first})")
+    for i, path in enumerate(paths):
+        if tables[i] is None:
+            tables[i], _ = read_results(path, categories)
+        elif categories is not None and tables[i].num_rows:
+            categories.to_labels(tables[i].column("category_id").to_numpy(), source=str(path))
+    return tables, categories
+
+
+def fuse_files(
+    inputs: Sequence[str | Path],
+    settings: FuseSettings = FUSE,
+    *,
+    weights: Sequence[float] | None = None,
+    image_sizes: Mapping[int, tuple[float, float]] | pa.Table | None = None,
+    image_ids: Sequence[int] | None = None,
+    source: str | None = None,
+    dataset: str | None = None,
+    producer: str = "fuse",
+    out: str | Path | None = None,
+    extra: dict[str, Any] | None = None,
+) -> tuple[pa.Table, TableMeta]:
+    """Fuse the rows of every input file (of `image_ids` only, when given) per image and
+    category: one fusion member per (file, source). `image_sizes` ({id: (h, w)} or an images
+    table) normalise and clip the boxes; without them each image's box extent stands in.
+    `weights`: one per input file (its sources share it); None: 1.0 each. Written to `out`
+    when given; returns (fused detections, meta)."""
+    tables, categories = read_inputs(inputs)
+    if image_ids is not None:
+        wanted = pa.array(list(map(int, image_ids)), pa.int64())
+        tables = [t.filter(pc.is_in(t.column("image_id"), value_set=wanted)) for t in tables]
+    kwargs = settings.resolved()
+    # A weight of 1.0 for every input (the pipeline config's default) is the same as no weights.
+    # ensemble_boxes' NMS and Soft-NMS divide every score by the sum of the weights whenever
+    # weights are given, which would make the default of the flows differ from the command's.
+    given = None if weights is None or all(float(w) == 1.0 for w in weights) else list(weights)
+    fused = fuse(tables, weights=given, names=[str(p) for p in inputs],
+                 image_sizes=image_sizes, source=source, **kwargs)  # fmt: skip
+    meta = TableMeta(
+        kind="detections",
+        producer=producer,
+        categories=categories,
+        config=dict(kwargs, weights=None if weights is None else list(map(float, weights)), inputs=[str(p) for p in inputs]),
+        dataset=dataset,
+        extra={"boxes_in": sum(t.num_rows for t in tables), **(extra or {})},
+    )
+    if out is not None:
+        write_table(out, fused, meta)
+    return fused, meta

@@ -1,0 +1,81 @@
+"""Pass two's front door: masks for given boxes, from any source.
+
+`twopass segment`, the run-folder stage (`segmenter.stage`) and the benchmarks call
+`segment_images`; training and loading go through `detector.api` with the `SEGMENTER` kind.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from twopass.detector.api import LoadedModel, ModelKind, check_categories
+from twopass.detector.infer import View
+from twopass.pipeline.coco import ImageSet
+from twopass.pipeline.settings import SEGMENT, SegmentSettings
+from twopass.pipeline.tables import TableMeta, read_results, write_table
+
+from .config import load_segmenter_config, segmenter_config_from_dict
+from .infer import SegmentReport, segment
+from .model import KIND, build_segmenter
+
+SEGMENTER = ModelKind(KIND, load_segmenter_config, segmenter_config_from_dict, build_segmenter)
+
+
+def segment_images(
+    loaded: LoadedModel,
+    image_set: ImageSet,
+    detections: str | Path | pa.Table,
+    views: Sequence[View],
+    settings: SegmentSettings = SEGMENT,
+    *,
+    name: str | None = None,
+    device: str = "cpu",
+    image_ids: Sequence[int] | None = None,
+    out: str | Path | None = None,
+    extra: dict[str, Any] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[pa.Table, TableMeta, SegmentReport]:
+    """Pass two: the segmenter's mask head (with mask TTA over `views`) on each row of
+    `detections` (a table, or a detections or instances Parquet, or COCO results JSON; rows of `image_ids`
+    only when given). Scores and boxes are kept; masks are pasted in original pixels. Written
+    to `out` when given; returns (instances, meta, report of skipped rows)."""
+    check_categories(loaded, image_set)
+    name = name or loaded.name
+    # Unknown categories of a COCO results JSON are left to `segment`, which names the row or
+    # skips it (settings.skip_invalid); a Parquet file's category list must be the model's.
+    if isinstance(detections, pa.Table):
+        table, what = detections, "detections table"
+    else:
+        table, det_meta = read_results(detections)
+        what = str(detections)
+        if det_meta.categories is not None:
+            loaded.meta.categories.check_same(det_meta.categories, f"{detections} against checkpoint {loaded.meta.path}")
+    if image_ids is not None:
+        table = table.filter(pc.is_in(table.column("image_id"), value_set=pa.array(list(map(int, image_ids)), pa.int64())))
+    with loaded.lock:
+        instances, report = segment(
+            loaded.model, loaded.meta.categories, image_set, table, views, mask_thresh=settings.mask_thresh,
+            skip_invalid=settings.skip_invalid, what=what, device=device, progress=progress,
+        )  # fmt: skip
+    meta = TableMeta(
+        kind="instances",
+        producer=f"segmenter:{name}",
+        categories=loaded.meta.categories,
+        config=loaded.meta.config,
+        dataset=image_set.source,
+        extra={
+            "checkpoint": str(loaded.meta.path),
+            "detections": what,
+            "views": [v.source(name) for v in views],
+            "mask_thresh": settings.mask_thresh,
+            "skipped": dict(report.skipped),
+            **(extra or {}),
+        },
+    )
+    if out is not None:
+        write_table(out, instances, meta)
+    return instances, meta, report
