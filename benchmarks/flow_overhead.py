@@ -127,19 +127,14 @@ def _random_checkpoint(folder: Path, kind: str, model: dict, categories) -> Path
     import torch
 
     from twopass.detector.checkpoint import save_checkpoint
+    from twopass.segmenter.two_pass import KINDS
 
     last = folder / "checkpoints" / "iter_0000000.json"
     if last.is_file():
         return last
-    if kind == "detector":
-        from twopass.detector.config import config_from_dict
-        from twopass.detector.model import build_detector as build
-    else:
-        from twopass.segmenter.config import segmenter_config_from_dict as config_from_dict
-        from twopass.segmenter.model import build_segmenter as build
-    cfg = config_from_dict(model)
+    cfg = KINDS[kind].config(model)
     torch.manual_seed(0)
-    return save_checkpoint(folder, build(cfg, categories.num_classes), kind=kind, config=cfg.to_dict(), categories=categories, iteration=0)
+    return save_checkpoint(folder, KINDS[kind].build(cfg, categories.num_classes), kind=kind, config=cfg.to_dict(), categories=categories, iteration=0)
 
 
 if __name__ == "__main__":

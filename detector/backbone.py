@@ -19,6 +19,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from .checkpoint import state_mismatch
 from .config import ModelConfig
 
 # Output channels of C2..C5.
@@ -183,18 +184,9 @@ def load_backbone_weights(net: nn.Module, path: str | Path) -> None:
     # A classifier head of another class count does not matter: the body never uses it.
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     own = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad_shape = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or bad_shape:
-        detail = []
-        if missing:
-            detail.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        if unexpected:
-            detail.append(f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
-        if bad_shape:
-            detail.append(f"shape differs for {bad_shape[:3]}")
-        raise BackboneError(f"{path}: does not fit a {type(net).__name__} ({'; '.join(detail)})")
+    wrong = state_mismatch(own, state)
+    if wrong:
+        raise BackboneError(f"{path}: does not fit a {type(net).__name__} ({wrong})")
     net.load_state_dict(state, strict=False)
 
 

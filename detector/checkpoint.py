@@ -183,22 +183,28 @@ def read_meta(path: str | Path) -> CheckpointMeta:
     return CheckpointMeta(p, d["kind"], d["config"], categories, int(d["iteration"]), extra)
 
 
-def load_weights(model: nn.Module, meta: CheckpointMeta) -> None:
-    """Load the checkpoint's weights into `model`, strictly, naming what does not fit."""
-    state = _load_tensors(meta.weights_path)
-    own = unwrap(model).state_dict()
+def state_mismatch(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """What keeps `state` from loading into a module whose state dict is `own` (missing and
+    unexpected names, shapes that differ), in words; None when it fits."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     bad = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing {missing[:3]}")
-        if unexpected:
-            parts.append(f"unexpected {unexpected[:3]}")
-        if bad:
-            parts.append(f"shape differs for {bad[:3]} (checkpoint {tuple(state[bad[0]].shape)}, model {tuple(own[bad[0]].shape)})")
-        raise CheckpointError(f"{meta.weights_path}: weights do not fit the model ({'; '.join(parts)})")
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    if unexpected:
+        parts.append(f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+    if bad:
+        parts.append(f"shape differs for {bad[:3]} (file {tuple(state[bad[0]].shape)}, model {tuple(own[bad[0]].shape)})")
+    return "; ".join(parts) or None
+
+
+def load_weights(model: nn.Module, meta: CheckpointMeta) -> None:
+    """Load the checkpoint's weights into `model`, strictly, naming what does not fit."""
+    state = _load_tensors(meta.weights_path)
+    wrong = state_mismatch(unwrap(model).state_dict(), state)
+    if wrong:
+        raise CheckpointError(f"{meta.weights_path}: weights do not fit the model ({wrong})")
     unwrap(model).load_state_dict(state, strict=True)
 
 

@@ -13,6 +13,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from twopass.pipeline.config import format_validation_error
+
 BackboneName = Literal["resnet18", "resnet50", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x2_0"]
 
 # Named presets ship as package data (`twopass.configs`), so names resolve from an installed wheel too.
@@ -234,14 +236,6 @@ class ModelConfig(_Strict):
         return self.model_dump(mode="json")
 
 
-def _format_error(e: ValidationError, source: str) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        parts.append(f"field {loc!r}: {err['msg']}")
-    return f"{source}: " + "; ".join(parts)
-
-
 C = TypeVar("C", bound=ModelConfig)
 
 
@@ -252,7 +246,7 @@ def config_from_dict(data: Any, source: str = "config", cls: type[C] = ModelConf
     try:
         return cls.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_error(e, source)) from None
+        raise ConfigError(format_validation_error(e, source)) from None
 
 
 def load_config(path_or_name: str | Path, cls: type[C] = ModelConfig) -> C:

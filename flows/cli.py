@@ -37,9 +37,16 @@ def _start(out: Path):
     return prefect_flows
 
 
-def _flow(pf, name: str, task_runner: str, workers: int | None, dask_address: str | None):
-    flow = pf.FLOWS[name]
-    return flow.with_options(task_runner=pf.task_runner(task_runner, workers, dask_address))
+def _run(out: Path, names: list[str], runner: tuple[str, int | None, str | None], *args: Any) -> Any:
+    """Run the flows `names` one after the other with the task runner (kind, workers, Dask
+    address) and `args`; the result of the last. A flow whose shards failed exits 1, naming them."""
+    pf = _start(out)
+    try:
+        for name in names:
+            result = pf.FLOWS[name].with_options(task_runner=pf.task_runner(*runner))(*args)
+    except pf.FlowFailed as e:
+        _fail(e)
+    return result
 
 
 def _load(config: Path, out: Path):
@@ -57,24 +64,17 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(1)
 
 
-def print_table(rows: list[dict], title: str) -> None:
+def print_ap_table(rows: list[dict], title: str) -> None:
     """The AP table on the terminal (report.md has every column and what each row is)."""
-    from rich.console import Console
-    from rich.table import Table
+    from twopass.pipeline.cli import print_table
 
-    table = Table(title=title)
-    cols = ("box AP", "box AP50", "mask AP", "mask AP50")
-    table.add_column("stage", no_wrap=True)
-    for c in cols:
-        table.add_column(c, justify="right", no_wrap=True)
-    for r in rows:
-        table.add_row(r["stage"], *(f"{r[c]:.3f}" if r[c] is not None else "-" for c in cols))
-    Console().print(table)
+    cols = ["box AP", "box AP50", "mask AP", "mask AP50"]
+    print_table(title, ["stage", *cols], [[r["stage"], *(r[c] for c in cols)] for r in rows])
 
 
 def _summary(result: dict[str, Any], out: Path, seconds: float) -> None:
     if result.get("table"):
-        print_table(result["table"], f"AP per stage ({out})")
+        print_ap_table(result["table"], f"AP per stage ({out})")
     typer.echo(f"computed this run: {result.get('ran') or 'nothing (all reused)'}")
     typer.echo(f"report:  {result['report']}")
     for k, v in result.get("outputs", {}).items():
@@ -93,11 +93,7 @@ def train_cmd(
 ) -> None:
     """train_flow: train the configured detectors and the segmenter (finished ones are reused)."""
     cfg = _load(config, out)
-    pf = _start(out)
-    try:
-        result = _flow(pf, "train", task_runner, workers, dask_address)(cfg, str(out), parallel)
-    except pf.FlowFailed as e:
-        _fail(e)
+    result = _run(out, ["train"], (task_runner, workers, dask_address), cfg, str(out), parallel)
     for name, path in result.items():
         typer.echo(f"{name}: {path}")
 
@@ -113,14 +109,8 @@ def run_cmd(
 ) -> None:
     """two_pass_flow: detect (all detectors and views) -> fuse -> segment -> evaluate, per shard."""
     cfg = _load(config, out)
-    pf = _start(out)
     t0 = time.perf_counter()
-    try:
-        if train:
-            _flow(pf, "train", task_runner, workers, dask_address)(cfg, str(out))
-        result = _flow(pf, "two-pass", task_runner, workers, dask_address)(cfg, str(out))
-    except pf.FlowFailed as e:
-        _fail(e)
+    result = _run(out, ["train", "two-pass"] if train else ["two-pass"], (task_runner, workers, dask_address), cfg, str(out))
     _summary(result, out, time.perf_counter() - t0)
 
 
@@ -128,11 +118,7 @@ def run_cmd(
 def detect_cmd(config: ConfigOpt, out: OutOpt, task_runner: RunnerOpt = "threads", workers: WorkersOpt = None, dask_address: DaskOpt = None) -> None:
     """detect_flow: every detector (all its views) on every shard; one detections file each."""
     cfg = _load(config, out)
-    pf = _start(out)
-    try:
-        result = _flow(pf, "detect", task_runner, workers, dask_address)(cfg, str(out))
-    except pf.FlowFailed as e:
-        _fail(e)
+    result = _run(out, ["detect"], (task_runner, workers, dask_address), cfg, str(out))
     for name, path in result.items():
         typer.echo(f"{name}: {path}")
 
@@ -166,11 +152,7 @@ def fuse_cmd(
         missing = [p for p in named.values() if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"{missing[0]}: no such file; run `twopass flow detect` first or give --detections NAME=PATH")
-    pf = _start(out)
-    try:
-        path = _flow(pf, "fuse", task_runner, workers, dask_address)(cfg, named, str(out))
-    except pf.FlowFailed as e:
-        _fail(e)
+    path = _run(out, ["fuse"], (task_runner, workers, dask_address), cfg, named, str(out))
     typer.echo(f"fused: {path}")
 
 
@@ -188,13 +170,8 @@ def segment_cmd(
     cfg = _load(config, out)
     if not detections.is_file():
         raise FileNotFoundError(f"--detections {detections}: no such file")
-    pf = _start(out)
-    try:
-        path = _flow(pf, "segment", task_runner, workers, dask_address)(
-            cfg, str(detections.resolve()), str(out), str(checkpoint) if checkpoint else None
-        )
-    except pf.FlowFailed as e:
-        _fail(e)
+    path = _run(out, ["segment"], (task_runner, workers, dask_address), cfg, str(detections.resolve()), str(out),
+                str(checkpoint) if checkpoint else None)  # fmt: skip
     typer.echo(f"instances: {path}")
 
 
@@ -221,7 +198,7 @@ def evaluate_cmd(
     pf = _start(out)
     result = pf.evaluate_flow(cfg, named, str(fused) if fused else None, str(instances) if instances else None, run_dir=str(out))
     if result["table"]:
-        print_table(result["table"], f"AP per stage ({out})")
+        print_ap_table(result["table"], f"AP per stage ({out})")
     typer.echo(f"report: {result['report']}")
 
 
@@ -277,12 +254,7 @@ def demo(
     cfg = demo_config(data, train_budget_s=budget)
     write_pipeline_config(out / "pipeline.yaml", cfg)
     typer.echo(f"config: {out / 'pipeline.yaml'} (rerun with `twopass flow run --config {out / 'pipeline.yaml'} --out {out}`)")
-    pf = _start(out)
-    try:
-        _flow(pf, "train", task_runner, workers, dask_address)(cfg, str(out))
-        result = _flow(pf, "two-pass", task_runner, workers, dask_address)(cfg, str(out))
-    except pf.FlowFailed as e:
-        _fail(e)
+    result = _run(out, ["train", "two-pass"], (task_runner, workers, dask_address), cfg, str(out))
     _summary(result, out, time.perf_counter() - t0)
     typer.echo(f"pictures: {out / 'pictures'}")
 

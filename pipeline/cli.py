@@ -36,6 +36,21 @@ def progress_bar():
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
 
 
+def print_table(title: str, columns: list[str], rows: list[list]) -> None:
+    """A table on the terminal: the first column as text, the others numbers to 3 decimals
+    (None shows as "-")."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column(columns[0], no_wrap=True)
+    for c in columns[1:]:
+        table.add_column(c, justify="right", no_wrap=True)
+    for first, *values in rows:
+        table.add_row(str(first), *("-" if v is None else f"{v:.3f}" for v in values))
+    Console().print(table)
+
+
 @app.command()
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write images/ and annotations.json into.")],
@@ -70,36 +85,20 @@ def evaluate(
     backend: Annotated[str, typer.Option(help="faster | pycocotools")] = "faster",
 ) -> None:
     """COCO box and mask AP of a results file, with a per-category table."""
-    from rich.console import Console
-    from rich.table import Table
-
     from .evaluate import evaluate as run_eval
     from .fileio import write_json
 
     if backend not in ("faster", "pycocotools"):
         raise ValueError(f"--backend must be 'faster' or 'pycocotools', got {backend!r}")
     metrics = run_eval(ann, results, backend=backend)  # type: ignore[arg-type]
-    console = Console()
-    shown = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR100")  # all twelve go to --out
-    table = Table(title=f"{results.name}")
-    table.add_column("")
-    for k in shown:
-        table.add_column(k, justify="right")
-    for t in ("bbox", "segm"):
-        if t in metrics:
-            # COCOeval reports -1 where an area range has no ground truth.
-            table.add_row(t, *(f"{metrics[t][k]:.3f}" if metrics[t][k] >= 0 else "-" for k in shown))
-    console.print(table)
+    shown = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"]  # all twelve go to --out
+    # COCOeval reports -1 where an area range has no ground truth.
+    print_table(results.name, ["", *shown], [[t, *(metrics[t][k] if metrics[t][k] >= 0 else None for k in shown)]
+                                             for t in ("bbox", "segm") if t in metrics])  # fmt: skip
     per_cat = metrics["per_category"]
     if per_cat:
-        ct = Table(title="AP per category")
-        ct.add_column("category")
-        for t in per_cat:
-            ct.add_column(t, justify="right")
         names = next(iter(per_cat.values())).keys()
-        for n in names:
-            ct.add_row(n, *(f"{per_cat[t][n]:.3f}" for t in per_cat))
-        console.print(ct)
+        print_table("AP per category", ["category", *per_cat], [[n, *(per_cat[t][n] for t in per_cat)] for n in names])
     if out is not None:
         write_json(out, metrics, indent=2)
         typer.echo(f"wrote {out}")

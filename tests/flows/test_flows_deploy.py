@@ -15,7 +15,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_flows_support import config, counts, random_checkpoints
 
 import twopass.flows
 
@@ -51,10 +50,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_segment_flow_runs_by_deployment(synth_small, tmp_path):
+def test_segment_flow_runs_by_deployment(config, counts, ckpts, synth_small, tmp_path):
     from twopass.pipeline.config import write_pipeline_config
 
-    ckpts = random_checkpoints(tmp_path / "models", synth_small / "annotations.json")
     cfg_path = write_pipeline_config(tmp_path / "pipeline.yaml", config(synth_small, ckpts))
     gt = json.loads((synth_small / "annotations.json").read_text())
     det = tmp_path / "boxes.json"

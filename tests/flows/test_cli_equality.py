@@ -5,25 +5,10 @@ drifts between the command and the pipeline config fails here)."""
 from __future__ import annotations
 
 import pyarrow as pa
-import pytest
-from test_flows_support import config, random_checkpoints
 from typer.testing import CliRunner
 
 import twopass.flows  # noqa: F401  (Prefect defaults before Prefect is imported)
 from twopass.pipeline.tables import read_table
-
-
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
-def ckpts(synth_small, tmp_path_factory):
-    return random_checkpoints(tmp_path_factory.getbasetemp() / "flows_models", synth_small / "annotations.json")
 
 
 def cli(*args) -> None:
@@ -40,7 +25,7 @@ def assert_same_rows(a: pa.Table, b: pa.Table) -> None:
         assert a.column(name).to_pylist() == b.column(name).to_pylist(), name
 
 
-def test_cli_and_flows_agree(harness, synth_small, ckpts, tmp_path):
+def test_cli_and_flows_agree(config, harness, synth_small, ckpts, tmp_path):
     from twopass.flows.prefect_flows import detect_flow, fuse_flow, segment_flow
 
     # one shard, so the flows' merged tables are the CLI's in the same order

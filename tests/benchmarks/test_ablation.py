@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "ablation.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "ablation.py"
 
 
 @pytest.fixture(scope="module")

@@ -20,15 +20,6 @@ from twopass.pipeline.categories import Categories
 from twopass.pipeline.coco import CocoDataset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads beside
-    another busy process slow every op many times over; one thread stays predictable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 TINY_YAML = """\
 name: tiny
 backbone: {name: resnet18, fpn_channels: 16, trainable_stages: 5}

@@ -13,22 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_flows_support import config, copy_data, counts, ledger_len, random_checkpoints
 
 import twopass.flows  # noqa: F401  (Prefect defaults before Prefect is imported)
-
-
-@pytest.fixture(scope="session")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
-def ckpts(synth_small, tmp_path_factory):
-    return random_checkpoints(tmp_path_factory.getbasetemp() / "flows_models", synth_small / "annotations.json")
 
 
 SHARD_TASKS = ("detect-", "fuse-", "segment-")
@@ -56,7 +42,7 @@ def task_states(flow_state, shard_tasks: int) -> dict[str, str]:
     return {r.name: r.state.name if r.state is not None else "None" for r in runs}
 
 
-def test_rerun_skips_and_changes_rerun_only_what_they_touch(harness, synth_small, ckpts, tmp_path):
+def test_rerun_skips_and_changes_rerun_only_what_they_touch(config, counts, ledger_len, harness, synth_small, ckpts, tmp_path):
     from prefect.artifacts import Artifact
 
     from twopass.flows.prefect_flows import segment_flow, two_pass_flow
@@ -118,7 +104,7 @@ def test_rerun_skips_and_changes_rerun_only_what_they_touch(harness, synth_small
     assert segment_flow(cfg, str(det), str(run)) == path and counts(run, since=n) == {"segment": 3, "merge": 1}
 
 
-def test_corrupt_image_fails_its_shard_and_the_rest_finish(harness, synth_small, ckpts, tmp_path):
+def test_corrupt_image_fails_its_shard_and_the_rest_finish(config, copy_data, counts, ledger_len, harness, synth_small, ckpts, tmp_path):
     from twopass.flows.prefect_flows import FlowFailed, two_pass_flow
 
     data = copy_data(synth_small, tmp_path / "data")
@@ -142,7 +128,7 @@ def test_corrupt_image_fails_its_shard_and_the_rest_finish(harness, synth_small,
     assert counts(run, since=n) == {"detect": 2, "fuse": 1, "segment": 1, "merge": 4, "evaluate": 1}
 
 
-def test_prefect_validates_the_config_parameter(harness, synth_small, ckpts, tmp_path):
+def test_prefect_validates_the_config_parameter(config, counts, harness, synth_small, ckpts, tmp_path):
     from prefect.exceptions import ParameterTypeError
 
     from twopass.flows.prefect_flows import two_pass_flow
@@ -160,7 +146,7 @@ def test_prefect_validates_the_config_parameter(harness, synth_small, ckpts, tmp
     assert set(out) == {"a", "b"} and counts(tmp_path / "run") == {"detect": 2, "merge": 2}
 
 
-def test_train_flow_trains_once_then_two_pass_finds_the_models(harness, synth_small, tmp_path):
+def test_train_flow_trains_once_then_two_pass_finds_the_models(config, counts, ledger_len, ckpts, harness, synth_small, tmp_path):
     from twopass.flows.prefect_flows import train_flow, two_pass_flow
 
     cfg = config(synth_small, None, shard_size=8, evaluation={"enabled": False, "overlays": 0})
@@ -181,7 +167,7 @@ def test_train_flow_trains_once_then_two_pass_finds_the_models(harness, synth_sm
     assert counts(run, since=n) == {"detect": 1, "fuse": 1, "segment": 1, "merge": 3}
 
 
-def test_dask_task_runner_gives_the_same_files(harness, synth_small, ckpts, tmp_path):
+def test_dask_task_runner_gives_the_same_files(config, counts, harness, synth_small, ckpts, tmp_path):
     pytest.importorskip("prefect_dask")
     from twopass.flows.prefect_flows import detect_flow, task_runner
 

@@ -11,21 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
-from test_flows_support import config, random_checkpoints
 
 from twopass.pipeline.runfolder import read_ledger
-
-
-@pytest.fixture(scope="module")
-def ckpts(synth_small, tmp_path_factory):
-    return random_checkpoints(tmp_path_factory.getbasetemp() / "flows_models", synth_small / "annotations.json")
 
 
 def _shard_keys(entries) -> set[tuple[str, str, str]]:
     return {(e["stage"], e["name"], e["key"]) for e in entries if e["stage"] in ("detect", "fuse", "segment")}
 
 
-def test_sigkill_mid_run_then_rerun_equals_uninterrupted(synth_small, ckpts, tmp_path):
+def test_sigkill_mid_run_then_rerun_equals_uninterrupted(config, synth_small, ckpts, tmp_path):
     from twopass.pipeline.config import write_pipeline_config
     from twopass.pipeline.tables import read_table
 

@@ -20,16 +20,6 @@ from twopass.pipeline.categories import Categories
 from twopass.pipeline.coco import ImageSet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads beside
-    another busy process slow every op many times over; one thread stays predictable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_view_size_matches_torchvision_resize():
     for h, w in [(128, 128), (100, 80), (427, 640), (33, 517), (800, 1216)]:
         for scale, max_size in [(48, 96), (64, 1333), (480, 800), (800, 1333), (641, 1000)]:

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-from test_flows_support import config, copy_data, counts, ledger_len, random_checkpoints
 
 from twopass.detector import stage as detector_stage
 from twopass.detector.api import DETECTOR
@@ -18,11 +17,6 @@ from twopass.segmenter import two_pass
 from twopass.segmenter.two_pass import KINDS
 
 
-@pytest.fixture(scope="module")
-def ckpts(synth_small, tmp_path_factory):
-    return random_checkpoints(tmp_path_factory.getbasetemp() / "flows_models", synth_small / "annotations.json")
-
-
 def _detect_all(run, cfg, ckpts):
     """Every detector on every shard: {name: [path per shard]}."""
     return {
@@ -31,7 +25,7 @@ def _detect_all(run, cfg, ckpts):
     }
 
 
-def test_detect_outputs_are_keyed_and_skipped_when_present(synth_small, ckpts, tmp_path):
+def test_detect_outputs_are_keyed_and_skipped_when_present(config, counts, synth_small, ckpts, tmp_path):
     cfg = config(synth_small, ckpts)
     assert runfolder.shards(cfg.data) == [[1, 2, 3], [4, 5, 6], [7, 8]]
     run = tmp_path / "run"
@@ -55,7 +49,7 @@ def test_detect_outputs_are_keyed_and_skipped_when_present(synth_small, ckpts, t
     assert counts(run) == {"detect": 7}
 
 
-def test_keys_follow_content_not_names(synth_small, ckpts, tmp_path):
+def test_keys_follow_content_not_names(config, copy_data, synth_small, ckpts, tmp_path):
     data = copy_data(synth_small, tmp_path / "data")
     cfg = config(data, ckpts)
     d = cfg.detectors[0]
@@ -76,7 +70,7 @@ def test_keys_follow_content_not_names(synth_small, ckpts, tmp_path):
     assert detector_stage.detect_plan(tmp_path, DETECTOR, d, str(ckpts["a"]), config(moved, ckpts).data, [1, 2, 3], "cpu").key == after[0]
 
 
-def test_fusion_change_reruns_fusion_and_segmentation_only(synth_small, ckpts, tmp_path):
+def test_fusion_change_reruns_fusion_and_segmentation_only(config, counts, ledger_len, synth_small, ckpts, tmp_path):
     run = tmp_path / "run"
 
     def two_pass(cfg):
@@ -105,7 +99,7 @@ def test_fusion_change_reruns_fusion_and_segmentation_only(synth_small, ckpts, t
     assert meta.config["rescore"] is True and meta.config["method"] == "soft-nms"
 
 
-def test_segment_on_new_detections_from_any_source(synth_small, ckpts, tmp_path):
+def test_segment_on_new_detections_from_any_source(config, counts, synth_small, ckpts, tmp_path):
     """Pass two alone on a COCO results JSON (ground-truth boxes as detections): only the
     segmentation stage runs, and a second new file reruns it again."""
     from twopass.pipeline.tables import read_table
@@ -126,7 +120,7 @@ def test_segment_on_new_detections_from_any_source(synth_small, ckpts, tmp_path)
     assert counts(run) == {"segment": 6}
 
 
-def test_corrupt_image_fails_its_shard_naming_the_file(synth_small, ckpts, tmp_path):
+def test_corrupt_image_fails_its_shard_naming_the_file(config, copy_data, counts, synth_small, ckpts, tmp_path):
     data = copy_data(synth_small, tmp_path / "data")
     cfg = config(data, ckpts)
     bad = data / "images" / json.loads((data / "annotations.json").read_text())["images"][4]["file_name"]
@@ -140,7 +134,7 @@ def test_corrupt_image_fails_its_shard_naming_the_file(synth_small, ckpts, tmp_p
     assert len(list((run / "detections" / "a").glob("*"))) == 2  # no partial file of the failed shard
 
 
-def test_missing_checkpoint_and_untrained_model_are_named(synth_small, ckpts, tmp_path):
+def test_missing_checkpoint_and_untrained_model_are_named(config, synth_small, ckpts, tmp_path):
     cfg = config(synth_small, None)
     with pytest.raises(FileNotFoundError, match=r"detector 'a': no checkpoint: set its checkpoint in the pipeline config, or run train_flow"):
         detector_stage.resolve_model(tmp_path, DETECTOR, cfg.detectors[0], cfg.data, "cpu")
@@ -152,7 +146,7 @@ def test_missing_checkpoint_and_untrained_model_are_named(synth_small, ckpts, tm
         detector_stage.train_stage(tmp_path, DETECTOR, no_train.detectors[0], no_train.data)
 
 
-def test_train_stage_trains_once_and_is_found(synth_small, tmp_path):
+def test_train_stage_trains_once_and_is_found(config, counts, synth_small, tmp_path):
     cfg = config(synth_small, None)
     spec = cfg.detectors[0]
     run = tmp_path / "run"
@@ -166,7 +160,7 @@ def test_train_stage_trains_once_and_is_found(synth_small, tmp_path):
     assert detector_stage.trained_checkpoint(run, DETECTOR, more, cfg.data, "cpu") is None
 
 
-def test_merge_evaluate_and_report(synth_small, ckpts, tmp_path):
+def test_merge_evaluate_and_report(config, synth_small, ckpts, tmp_path):
     from twopass.pipeline import report
     from twopass.pipeline.tables import read_table
 
@@ -196,7 +190,7 @@ def test_merge_evaluate_and_report(synth_small, ckpts, tmp_path):
     assert "final masks" in runfolder.format_ap_table(rows)
 
 
-def test_segmenter_own_boxes_join_the_fusion(synth_small, ckpts, tmp_path):
+def test_segmenter_own_boxes_join_the_fusion(config, counts, synth_small, ckpts, tmp_path):
     """`segmenter.own_boxes`: the segmenter runs as a third member of pass one, its boxes are
     fused with the detectors' at their weight, and its own masks are scored beside them."""
     from twopass.segmenter.two_pass import two_pass_plain
