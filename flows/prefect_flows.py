@@ -25,15 +25,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from twopass.detector.stage import resolve_model
+from twopass.flows import tasks  # absolute: Prefect loads this file by path (prefect.yaml entrypoints)
 from twopass.pipeline import report
 from twopass.pipeline.config import PipelineConfig, safe_name
 from twopass.pipeline.fileio import read_json
 from twopass.pipeline.runfolder import ap_table, format_ap_table, publish, read_ledger, shard_label, shards, stage_counts, write_coco_json
-from twopass.detector.stage import resolve_model
 from twopass.segmenter.api import SEGMENTER
 from twopass.segmenter.two_pass import checkpoints as resolve_checkpoints
-
-from . import tasks
 
 DEFAULT_RUN_DIR = "runs/twopass"
 
