@@ -352,6 +352,15 @@ def two_pass_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, 
         }
 
 
+def reach_api() -> None:
+    """Reach the Prefect API now (starting the embedded server when no PREFECT_API_URL is set),
+    so that the first flow does not pay for it."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.api_healthcheck()
+
+
 # --------------------------------------------------------------------------- task runners
 
 
