@@ -484,63 +484,60 @@ class Ablation:
             self.ensure_trained(name, seed)
             kind, _ = self.config(name)
             loaded = load_for_inference(KINDS[kind], self.run_dir(name, seed), self.device)
-            self._models[name] = (loaded.model, loaded.meta)
+            self._models[name] = loaded
         return self._models[name]
 
     # ----------------------------------------------------------------- inference
 
-    def views(self, which: str):
-        from twopass.detector.infer import make_views
+    def views(self, loaded, which: str):
+        from twopass.detector.api import views_of
 
-        if which == "single":
-            return None  # the model's own test size
-        if which == "det_tta":
-            return make_views(self.budget.det_tta_scales, flip=True)
-        return make_views(self.budget.mask_tta_scales, flip=True)
+        scales = {"single": None, "det_tta": self.budget.det_tta_scales, "mask_tta": self.budget.mask_tta_scales}[which]
+        return views_of(loaded.meta.path, scales, flip=scales is not None)  # single: the model's own test size
 
     def detections(self, name: str, seed: int, views: str, raw: bool):
         """Detections of a model on the val set, cached per seed. raw: NMS off (for Soft-NMS)."""
-        from twopass.detector.infer import detect
+        from twopass.detector.api import detect_images
+        from twopass.pipeline.settings import DetectSettings
 
         key = (name, views, raw)
         if key not in self._dets:
-            model, meta = self.model(name, seed)
-            v = self.views("det_tta" if views == "tta" else "single")
-            ctx = nms_off(model) if raw else contextlib.nullcontext()
-            with ctx:
-                self._dets[key] = detect(
-                    model, self.val_images, meta.categories, model_name=name, views=v, device=self.device,
-                    score_thresh=SCORE_THRESH, max_per_image=RAW_PER_VIEW if raw else MAX_PER_IMAGE,
-                )  # fmt: skip
+            loaded = self.model(name, seed)
+            v = self.views(loaded, "det_tta" if views == "tta" else "single")
+            settings = DetectSettings(score_thresh=SCORE_THRESH, max_per_image=RAW_PER_VIEW if raw else MAX_PER_IMAGE)
+            with nms_off(loaded.model) if raw else contextlib.nullcontext():
+                self._dets[key] = detect_images(loaded, self.val_images, v, settings, name=name, device=self.device)[0]
         return self._dets[key]
 
     def evaluate_row(self, row: Row, seed: int):
         """The row's results table (detections or instances) on the val set."""
-        from twopass.detector.infer import detect
-        from twopass.ensemble import fuse
+        from twopass.detector.api import detect_images
+        from twopass.ensemble.api import fuse_files
+        from twopass.pipeline.settings import DetectSettings, FuseSettings
         from twopass.pipeline.tables import from_coco_results
-        from twopass.segmenter.infer import segment
+        from twopass.segmenter.api import segment_images
 
         a = row.args
         if row.run == "own":
             (name,) = row.models
-            model, meta = self.model(name, seed)
+            loaded = self.model(name, seed)
             kind, _ = self.config(name)
-            return detect(model, self.val_images, meta.categories, model_name=name, device=self.device,
-                          score_thresh=SCORE_THRESH, max_per_image=MAX_PER_IMAGE, with_masks=kind == "segmenter")  # fmt: skip
+            settings = DetectSettings(score_thresh=SCORE_THRESH, max_per_image=MAX_PER_IMAGE)
+            return detect_images(loaded, self.val_images, self.views(loaded, "single"), settings, name=name, device=self.device,
+                                 with_masks=kind == "segmenter")[0]  # fmt: skip
         if row.run == "detect":
             raw = a["method"] == "soft-nms"
             tables = [self.detections(d, seed, a["views"], raw) for d in a["detectors"]]
             if a["method"] == "none":
                 (t,) = tables
                 return t
-            kw = {"rescore": True} if a["method"] == "soft-nms" else {}
-            return fuse(tables, method=a["method"], image_sizes=self.val_images.table, max_per_image=MAX_PER_IMAGE, **kw)
-        seg, meta = self.model(row.models[0], seed)  # the segmenter comes first
+            # the fusion defaults: Soft-NMS rescored, the best 100 an image
+            return fuse_files(tables, FuseSettings(method=a["method"]), image_sizes=self.val_images.table)[0]
+        seg = self.model(row.models[0], seed)  # the segmenter comes first
         if row.run == "two_pass":
             tables = [self.detections(d, seed, a["det_views"], False) for d in a["detectors"]]
-            boxes = fuse(tables, method="wbf", image_sizes=self.val_images.table, max_per_image=MAX_PER_IMAGE)
-            mask_views = self.views("mask_tta" if a["mask_views"] == "tta" else "single")
+            boxes = fuse_files(tables, FuseSettings(method="wbf"), image_sizes=self.val_images.table)[0]
+            mask_views = self.views(seg, "mask_tta" if a["mask_views"] == "tta" else "single")
         elif row.run == "gt_boxes":
             gt = [{"image_id": x["image_id"], "category_id": x["category_id"], "bbox": x["bbox"], "score": 1.0}
                   for x in self.val_index.raw["annotations"] if not x.get("iscrowd", 0)]  # fmt: skip
@@ -552,11 +549,8 @@ class Ablation:
         else:
             raise ValueError(f"row {row.name}: unknown recipe {row.run!r}")
         if mask_views is None:
-            from twopass.detector.infer import View
-
-            mask_views = [View(seg.config.input.test_size)]
-        instances, _ = segment(seg, meta.categories, self.val_images, boxes, mask_views, device=self.device)
-        return instances
+            mask_views = self.views(seg, "single")
+        return segment_images(seg, self.val_images, boxes, mask_views, device=self.device)[0]
 
     # ----------------------------------------------------------------- rows
 

@@ -19,16 +19,15 @@ from twopass.pipeline.tables import TableMeta, read_results, write_table
 from .table_fusion import fuse
 
 
-def read_inputs(paths: Sequence[str | Path]) -> tuple[list[pa.Table], Categories | None]:
-    """Tables of all inputs and their category list; Parquet category lists must agree.
-
-    COCO results JSON files record no categories: their ids are checked against the list.
-    """
-    paths = [Path(p) for p in paths]
-    tables: list[Any] = [None] * len(paths)
+def read_inputs(inputs: Sequence[str | Path | pa.Table]) -> tuple[list[pa.Table], Categories | None]:
+    """Tables of all inputs (files, or tables as they are) and their category list; Parquet
+    category lists must agree. COCO results JSON files record no categories: their ids are
+    checked against the list."""
+    tables: list[Any] = [t if isinstance(t, pa.Table) else None for t in inputs]
+    paths = [None if isinstance(p, pa.Table) else Path(p) for p in inputs]
     categories, first = None, None
     for i, path in enumerate(paths):
-        if path.suffix.lower() != ".json":
+        if path is not None and path.suffix.lower() != ".json":
             tables[i], meta = read_results(path)
             if meta.categories is not None and categories is None:
                 categories, first = meta.categories, path
@@ -37,13 +36,13 @@ def read_inputs(paths: Sequence[str | Path]) -> tuple[list[pa.Table], Categories
     for i, path in enumerate(paths):
         if tables[i] is None:
             tables[i], _ = read_results(path, categories)
-        elif categories is not None and tables[i].num_rows:
+        elif path is not None and categories is not None and tables[i].num_rows:
             categories.to_labels(tables[i].column("category_id").to_numpy(), source=str(path))
     return tables, categories
 
 
 def fuse_files(
-    inputs: Sequence[str | Path],
+    inputs: Sequence[str | Path | pa.Table],
     settings: FuseSettings = FUSE,
     *,
     weights: Sequence[float] | None = None,
@@ -55,7 +54,7 @@ def fuse_files(
     out: str | Path | None = None,
     extra: dict[str, Any] | None = None,
 ) -> tuple[pa.Table, TableMeta]:
-    """Fuse the rows of every input file (of `image_ids` only, when given) per image and
+    """Fuse the rows of every input (a file or a table; of `image_ids` only, when given) per image and
     category: one fusion member per (file, source). `image_sizes` ({id: (h, w)} or an images
     table) normalise and clip the boxes; without them each image's box extent stands in.
     `weights`: one per input file (its sources share it); None: 1.0 each. Written to `out`
@@ -69,13 +68,14 @@ def fuse_files(
     # ensemble_boxes' NMS and Soft-NMS divide every score by the sum of the weights whenever
     # weights are given, which would make the default of the flows differ from the command's.
     given = None if weights is None or all(float(w) == 1.0 for w in weights) else list(weights)
-    fused = fuse(tables, weights=given, names=[str(p) for p in inputs],
+    names = [f"tables[{i}]" if isinstance(p, pa.Table) else str(p) for i, p in enumerate(inputs)]
+    fused = fuse(tables, weights=given, names=names,
                  image_sizes=image_sizes, source=source, **kwargs)  # fmt: skip
     meta = TableMeta(
         kind="detections",
         producer=producer,
         categories=categories,
-        config=dict(kwargs, weights=None if weights is None else list(map(float, weights)), inputs=[str(p) for p in inputs]),
+        config=dict(kwargs, weights=None if weights is None else list(map(float, weights)), inputs=names),
         dataset=dataset,
         extra={"boxes_in": sum(t.num_rows for t in tables), **(extra or {})},
     )
