@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from twopass.pipeline.config import format_validation_error
+from twopass.pipeline.config import validate_mapping
 
 BackboneName = Literal["resnet18", "resnet50", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x2_0"]
 
@@ -241,12 +241,7 @@ C = TypeVar("C", bound=ModelConfig)
 
 def config_from_dict(data: Any, source: str = "config", cls: type[C] = ModelConfig) -> C:
     """Validate a config mapping as `cls` (ModelConfig, or a subclass such as the segmenter's)."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a model config is a mapping, got {type(data).__name__}")
-    try:
-        return cls.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source)) from None
+    return validate_mapping(cls, data, source, ConfigError, "model config")
 
 
 def load_config(path_or_name: str | Path, cls: type[C] = ModelConfig) -> C:

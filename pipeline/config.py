@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -200,15 +200,23 @@ def format_validation_error(e: ValidationError, source: str) -> str:
     return f"{source}: " + "; ".join(parts)
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_mapping(cls: type[M], data: Any, source: str, error: type[ValueError], what: str) -> M:
+    """`data` validated as `cls`; anything wrong raises `error` naming `source` and each field."""
+    if not isinstance(data, dict):
+        raise error(f"{source}: a {what} is a mapping, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise error(format_validation_error(e, source)) from None
+
+
 def pipeline_config_from_dict(data: Any, source: str = "pipeline config") -> PipelineConfig:
     if isinstance(data, PipelineConfig):
         return data
-    if not isinstance(data, dict):
-        raise PipelineConfigError(f"{source}: a pipeline config is a mapping, got {type(data).__name__}")
-    try:
-        return PipelineConfig.model_validate(data)
-    except ValidationError as e:
-        raise PipelineConfigError(format_validation_error(e, source)) from None
+    return validate_mapping(PipelineConfig, data, source, PipelineConfigError, "pipeline config")
 
 
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
