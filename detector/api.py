@@ -8,6 +8,8 @@ record says how to configure, build and load each (the segmenter's is `segmenter
 
 from __future__ import annotations
 
+import os
+import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 
 from twopass.pipeline.coco import CocoDataset, ImageSet
-from twopass.pipeline.fileio import read_json
+from twopass.pipeline.fileio import OutputError, read_json
 from twopass.pipeline.settings import DETECT, DetectSettings
 from twopass.pipeline.tables import TableMeta, write_table
 
@@ -81,6 +83,7 @@ def train_model(
         raise ValueError("--val-ann and --val-images go together")
     if options.device not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {options.device!r}")
+    claim_run_folder(options.out, options.resume, options.overwrite)
     dataset = CocoDataset(train_ann, train_images, with_masks=config.mask_head.enabled)
     meta = last_meta(options.out) if options.resume else None
     if meta is not None:
@@ -96,6 +99,26 @@ def train_model(
     options.sync_bn = config.norm.backbone == "sync_bn"
     return train(model, dataset, options, config.train, kind=kind.name, config=config.to_dict(),
                  categories=dataset.categories, validate=validate)  # fmt: skip
+
+
+def claim_run_folder(out: str | Path, resume: bool, overwrite: bool) -> None:
+    """Before any compute: a run folder that holds another run is continued (`resume`) or
+    replaced (`overwrite`: its checkpoints and metrics are removed), never mixed with a new one."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out}: is a file; a run folder is expected")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise OutputError(f"--out {out}: folder is not writable")
+    held = [out / n for n in ("checkpoints", "metrics.jsonl") if (out / n).exists()]
+    if not held or resume:
+        return
+    if not overwrite:
+        meta = last_meta(out) if (out / "checkpoints").exists() else None
+        at = f" (last checkpoint at iteration {meta.iteration})" if meta is not None else ""
+        raise OutputError(f"--out {out}: holds another run{at}; pass --resume to continue it or --overwrite to replace it")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank gets here; one removes
+        for p in held:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- loading

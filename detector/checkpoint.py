@@ -144,7 +144,11 @@ def resolve(path: str | Path) -> Path:
                     name = read_json(last)["checkpoint"]
                 except (ValueError, KeyError, TypeError) as e:
                     raise CheckpointError(f"{last}: unreadable ({e})") from None
-                return d / name
+                target = d / str(name)
+                # refused before anything opens it: a pointer may not leave its run folder
+                if not target.resolve().is_relative_to(d.resolve()):
+                    raise CheckpointError(f"{last}: points at {name!r}, outside {d}")
+                return target
         raise CheckpointError(f"{p}: no checkpoint in this folder (no checkpoints/last.json)")
     if p.suffix == ".safetensors":
         p = p.with_suffix("").with_suffix(".json") if p.name.endswith(".optim.safetensors") else p.with_suffix(".json")

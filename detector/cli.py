@@ -44,6 +44,7 @@ def make_train_command(kind: str, load_kind: Callable[[], Any]) -> Callable[...,
         val_every: Annotated[Optional[int], typer.Option(help="Validate every N iterations (0: at the end only).")] = None,
         checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N iterations (always at the end).")] = None,
         resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint.")] = False,
+        overwrite: Annotated[bool, typer.Option(help="Replace a run already in the run folder (its checkpoints and metrics).")] = False,
         backbone_weights: Annotated[Optional[Path], typer.Option(help="Local torchvision classification state dict (.pth or .safetensors).")] = None,
         seed: Annotated[Optional[int], typer.Option(help="Seed (default: the config's).")] = None,
         workers: Annotated[Optional[int], typer.Option(help="Data loader worker processes.")] = None,
@@ -57,7 +58,8 @@ def make_train_command(kind: str, load_kind: Callable[[], Any]) -> Callable[...,
 
         model_kind = load_kind()
         cfg = model_kind.config(config, "--config")
-        options = TrainOptions(out=out, iters=iters, batch=batch, lr=lr, device=device, resume=resume, checkpoint_every=checkpoint_every,
+        options = TrainOptions(out=out, iters=iters, batch=batch, lr=lr, device=device, resume=resume, overwrite=overwrite,
+                               checkpoint_every=checkpoint_every,
                                val_every=val_every, seed=seed, num_workers=workers, progress=progress, time_budget_s=time_budget)  # fmt: skip
         result = train_model(model_kind, cfg, train_ann, train_images, options, backbone_weights=backbone_weights,
                              val_ann=val_ann, val_images=val_images)  # fmt: skip
@@ -94,11 +96,15 @@ def detect(
     """Run a trained detector over images with test-time augmentation; write a detections table."""
     from twopass.pipeline.cli import progress_bar
     from twopass.pipeline.coco import ImageSet
+    from twopass.pipeline.config import validate_mapping
+    from twopass.pipeline.fileio import check_outputs
 
     from .api import DETECTOR, detect_images, load_for_inference, views_of
 
-    settings = DetectSettings(score_thresh=score_thresh, max_per_image=max_per_image, batch=batch)
+    settings = validate_mapping(DetectSettings, dict(score_thresh=score_thresh, max_per_image=max_per_image, batch=batch),
+                                "twopass detect", ValueError, "setting")  # fmt: skip
     scales = parse_scales(tta_scales)
+    check_outputs({"--out": out}, {"--ann": ann, "--checkpoint": checkpoint})
     loaded = load_for_inference(DETECTOR, checkpoint, device, fast)
     image_set = ImageSet.open(images, ann=ann)
     views = views_of(loaded.meta.path, scales, tta_flip)

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from twopass.pipeline.config import validate_mapping
+
+# Range-checked field types: a bad value is refused when the config loads, naming its field.
+PosInt = Annotated[int, Field(gt=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]  # probabilities, IoU and score thresholds
 
 BackboneName = Literal["resnet18", "resnet50", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x2_0"]
 
@@ -55,9 +61,9 @@ class NormConfig(_Strict):
 
 class AnchorConfig(_Strict):
     # One size per pyramid level (first_level..6). None: `scale` x the level's stride.
-    sizes: list[float] | None = None
+    sizes: list[PosFloat] | None = None
     scale: float = Field(8.0, gt=0)
-    aspect_ratios: list[float] = [0.5, 1.0, 2.0]
+    aspect_ratios: list[PosFloat] = Field([0.5, 1.0, 2.0], min_length=1)
     # Sizes per level: size * 2**(i / n) for i < n (RetinaNet's octave scales). One anchor
     # size an octave leaves objects between two sizes with no anchor at IoU >= 0.7.
     scales_per_octave: int = Field(1, ge=1)
@@ -72,15 +78,15 @@ class AnchorConfig(_Strict):
 class RPNConfig(_Strict):
     anchors: AnchorConfig = AnchorConfig()
     convs: int = Field(1, ge=1)
-    pre_nms_top_n_train: int = 2000
-    pre_nms_top_n_test: int = 1000
-    post_nms_top_n_train: int = 2000
-    post_nms_top_n_test: int = 1000
-    nms_thresh: float = 0.7
-    fg_iou_thresh: float = 0.7
-    bg_iou_thresh: float = 0.3
-    batch_size_per_image: int = 256
-    positive_fraction: float = 0.5
+    pre_nms_top_n_train: PosInt = 2000
+    pre_nms_top_n_test: PosInt = 1000
+    post_nms_top_n_train: PosInt = 2000
+    post_nms_top_n_test: PosInt = 1000
+    nms_thresh: Fraction = 0.7
+    fg_iou_thresh: Fraction = 0.7
+    bg_iou_thresh: Fraction = 0.3
+    batch_size_per_image: PosInt = 256
+    positive_fraction: Fraction = 0.5
 
 
 class RoIPoolConfig(_Strict):
@@ -101,9 +107,9 @@ class BoxHeadConfig(_Strict):
     type: Literal["two_fc", "location_sensitive"] = "two_fc"
     # RoIAlign output for two_fc; p (bins per side of the position-sensitive pooling) for LSD.
     pool_size: int = Field(7, ge=1)
-    sampling_ratio: int = 2
+    sampling_ratio: int = Field(2, ge=0)
     # Width of the fc layers: two_fc 1024, location_sensitive 2048 (Light-Head) when None.
-    fc_dim: int | None = None
+    fc_dim: PosInt | None = None
     # Location Sensitive Detector: k x 1 / 1 x k separable conv of `kernel_size`, C_mid
     # `mid_channels`, to alpha * p * p channels.
     kernel_size: int = Field(15, ge=1)
@@ -113,18 +119,18 @@ class BoxHeadConfig(_Strict):
     # element-wise max fusion.
     multi_scale_roi: bool = False
     cascade_stages: Literal[1, 3] = 1
-    cascade_ious: list[float] = [0.5, 0.6, 0.7]
-    cascade_weights: list[float] = [1.0, 0.5, 0.25]
+    cascade_ious: list[Fraction] = [0.5, 0.6, 0.7]
+    cascade_weights: list[NonNegFloat] = [1.0, 0.5, 0.25]
     # Box regression weights per stage (Cascade R-CNN tightens them stage by stage).
     bbox_reg_weights: list[list[float]] = [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0], [30.0, 30.0, 15.0, 15.0]]
     # One box per class (torchvision) or one for all; None: class-specific for one stage,
     # class-agnostic for a cascade (as in Cascade R-CNN).
     class_agnostic_box: bool | None = None
-    batch_size_per_image: int = 512
-    positive_fraction: float = 0.25
-    score_thresh: float = 0.05
-    nms_thresh: float = 0.5
-    detections_per_img: int = 100
+    batch_size_per_image: PosInt = 512
+    positive_fraction: Fraction = 0.25
+    score_thresh: Fraction = 0.05
+    nms_thresh: Fraction = 0.5
+    detections_per_img: PosInt = 100
 
     @property
     def fc_width(self) -> int:
@@ -150,22 +156,22 @@ class MaskHeadConfig(_Strict):
     """Standard Mask R-CNN mask branch (torchvision's MaskRCNNHeads); pass two extends it."""
 
     enabled: bool = False
-    pool_size: int = 14
-    sampling_ratio: int = 2
-    conv_dim: int = 256
+    pool_size: PosInt = 14
+    sampling_ratio: int = Field(2, ge=0)
+    conv_dim: PosInt = 256
     num_convs: int = Field(4, ge=1)
     # Train the mask head on at most this many positive RoIs per image (None: all of them).
-    max_positives_per_image: int | None = None
+    max_positives_per_image: PosInt | None = None
 
 
 class InputConfig(_Strict):
     # Shorter side, drawn per image from this list in training (multi-scale training).
-    train_sizes: list[int] = [640, 672, 704, 736, 768, 800]
-    test_size: int = 800
-    max_size: int = 1333
-    size_divisible: int = 32
-    image_mean: list[float] = [0.485, 0.456, 0.406]
-    image_std: list[float] = [0.229, 0.224, 0.225]
+    train_sizes: list[PosInt] = Field([640, 672, 704, 736, 768, 800], min_length=1)
+    test_size: PosInt = 800
+    max_size: PosInt = 1333
+    size_divisible: PosInt = 32
+    image_mean: list[float] = Field([0.485, 0.456, 0.406], min_length=3, max_length=3)
+    image_std: list[PosFloat] = Field([0.229, 0.224, 0.225], min_length=3, max_length=3)
 
 
 class TrainConfig(_Strict):
@@ -174,21 +180,21 @@ class TrainConfig(_Strict):
     # set, it reached about twice SGD's val box AP (0.009 against 0.005 after 10 minutes).
     optimizer: Literal["sgd", "adamw"] = "sgd"
     # Learning rate for `base_batch` images; scaled linearly with the real total batch.
-    base_lr: float = 0.02
-    base_batch: int = 16
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 500
-    warmup_factor: float = 0.001
+    base_lr: PosFloat = 0.02
+    base_batch: PosInt = 16
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: NonNegFloat = 1e-4
+    warmup_iters: int = Field(500, ge=0)
+    warmup_factor: float = Field(0.001, gt=0, le=1)
     # Step decay at these fractions of the total iterations, by `gamma` each.
-    steps: list[float] = [0.67, 0.89]
-    gamma: float = 0.1
-    clip_grad_norm: float | None = None
-    hflip_prob: float = 0.5
-    checkpoint_every: int = 1000
-    val_every: int = 0
+    steps: list[Annotated[float, Field(gt=0, le=1)]] = [0.67, 0.89]
+    gamma: float = Field(0.1, gt=0, le=1)
+    clip_grad_norm: PosFloat | None = None
+    hflip_prob: Fraction = 0.5
+    checkpoint_every: PosInt = 1000
+    val_every: int = Field(0, ge=0)
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int = Field(0, ge=0)
 
 
 class ModelConfig(_Strict):

@@ -42,6 +42,7 @@ class TrainOptions:
     lr: float | None = None  # LR for TrainConfig.base_batch images (None: the config's base_lr)
     device: str = "cpu"
     resume: bool = False
+    overwrite: bool = False  # without resume: replace a run already in `out` (else that is an error)
     checkpoint_every: int | None = None  # None: the config's
     val_every: int | None = None  # None: the config's; 0: only at the end
     seed: int | None = None  # None: the config's

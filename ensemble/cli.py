@@ -65,14 +65,19 @@ def register(app: typer.Typer) -> None:
                                                 sigma=sigma, decay=decay, thresh=thresh, rescore=rescore, max_per_image=max_per_image)  # fmt: skip
         try:
             _fuse(inputs, out, weights, images, source, settings)
-        except (ValueError, FileNotFoundError) as e:
-            typer.echo(f"twopass: error: {e}", err=True)
+        except (ValueError, OSError) as e:
+            from twopass.pipeline.cli import error_line
+
+            typer.echo(f"twopass: error: {error_line(e)}", err=True)
             raise typer.Exit(2) from None
 
 
 def _fuse(inputs: list[Path], out: Path, weights: str | None, images: Path | None, source: str | None, settings: FuseSettings) -> None:
+    from twopass.pipeline.fileio import check_outputs
+
     from .api import fuse_files
 
+    check_outputs({"--out": out}, {**{f"input {p}": p for p in inputs}, "--images": images})
     fused, meta = fuse_files(inputs, settings, weights=_parse_weights(weights), source=source, producer="twopass fuse", out=out,
                              image_sizes=_read_image_sizes(images) if images is not None else None,
                              extra={"images": None if images is None else str(images)})  # fmt: skip

@@ -86,10 +86,11 @@ def evaluate(
 ) -> None:
     """COCO box and mask AP of a results file, with a per-category table."""
     from .evaluate import evaluate as run_eval
-    from .fileio import write_json
+    from .fileio import check_outputs, write_json
 
     if backend not in ("faster", "pycocotools"):
         raise ValueError(f"--backend must be 'faster' or 'pycocotools', got {backend!r}")
+    check_outputs({"--out": out}, {"--ann": ann, "--results": results})
     metrics = run_eval(ann, results, backend=backend)  # type: ignore[arg-type]
     shown = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"]  # all twelve go to --out
     # COCOeval reports -1 where an area range has no ground truth.
@@ -140,7 +141,9 @@ def images_cmd(
 ) -> None:
     """Give a bare folder of images ids (by sorted file name) once, as an images table."""
     from .coco import ImageSet
+    from .fileio import check_outputs
 
+    check_outputs({"--out": out}, {})
     s = ImageSet.from_folder(folder)
     s.write(out)
     typer.echo(f"wrote {out}: {len(s)} images")
@@ -159,9 +162,18 @@ def main() -> None:
     """Console entry point: user errors print one line naming the bad input, exit code 2."""
     try:
         app()
-    except (ValueError, FileNotFoundError, PermissionError) as e:
-        typer.echo(f"twopass: error: {e}", err=True)
+    except (ValueError, OSError) as e:
+        typer.echo(f"twopass: error: {error_line(e)}", err=True)
         sys.exit(2)
+
+
+def error_line(e: BaseException) -> str:
+    """One line for a user error: an OS error (disk full, read-only, permission, a folder
+    where a file was expected) names its path and the reason, without a traceback."""
+    if isinstance(e, OSError) and e.strerror:
+        where = e.filename if e.filename is not None else "writing"
+        return f"{where}: {e.strerror}" + (f" (errno {e.errno})" if e.errno else "")
+    return str(e) or type(e).__name__
 
 
 if __name__ == "__main__":

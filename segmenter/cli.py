@@ -38,13 +38,16 @@ def segment(
     from twopass.detector.api import load_for_inference, views_of
     from twopass.pipeline.cli import progress_bar
     from twopass.pipeline.coco import ImageSet
-    from twopass.pipeline.fileio import write_json
+    from twopass.pipeline.config import validate_mapping
+    from twopass.pipeline.fileio import check_outputs, write_json
     from twopass.pipeline.tables import to_coco_results
 
     from .api import SEGMENTER, segment_images
 
-    settings = SegmentSettings(mask_thresh=mask_thresh, skip_invalid=skip_invalid)
+    settings = validate_mapping(SegmentSettings, dict(mask_thresh=mask_thresh, skip_invalid=skip_invalid), "twopass segment",
+                                ValueError, "setting")  # fmt: skip
     scales = parse_scales(tta_scales)
+    check_outputs({"--out": out, "--coco-json": coco_json}, {"--detections": detections, "--ann": ann, "--checkpoint": checkpoint})
     loaded = load_for_inference(SEGMENTER, checkpoint, device, fast)
     image_set = ImageSet.open(images, ann=ann)
     views = views_of(loaded.meta.path, scales, tta_flip)

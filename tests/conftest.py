@@ -43,7 +43,7 @@ TINY: dict[str, Any] = {
 }  # fmt: skip
 
 
-def tiny_model(name: str, head: str = "two_fc", mask: bool = False) -> dict[str, Any]:
+def _tiny_model(name: str, head: str = "two_fc", mask: bool = False) -> dict[str, Any]:
     m = copy.deepcopy(TINY)
     m["name"] = name
     if head == "location_sensitive":
@@ -75,9 +75,9 @@ def random_checkpoints(base: Path, ann: Path) -> dict[str, Path]:
     cats = CocoIndex.load(ann).categories
     out = {}
     for name, kind, model in (
-        ("a", "detector", tiny_model("a")),
-        ("b", "detector", tiny_model("b", head="location_sensitive")),
-        ("seg", "segmenter", tiny_model("seg", mask=True)),
+        ("a", "detector", _tiny_model("a")),
+        ("b", "detector", _tiny_model("b", head="location_sensitive")),
+        ("seg", "segmenter", _tiny_model("seg", mask=True)),
     ):
         folder = base / name
         if last_meta(folder) is None:
@@ -96,11 +96,11 @@ def _config(data_dir: Path, ckpts: dict[str, Path] | None, shard_size: int = 3, 
         "data": {"images": str(data_dir / "images"), "ann": str(data_dir / "annotations.json"), "train_images": str(data_dir / "images"),
                  "train_ann": str(data_dir / "annotations.json"), "shard_size": shard_size},
         "detectors": [
-            {"name": "a", "model": tiny_model("a"), "checkpoint": ck("a"), "max_per_image": 20, "train": {"iters": 1}},
-            {"name": "b", "model": tiny_model("b", head="location_sensitive"), "checkpoint": ck("b"), "max_per_image": 20,
+            {"name": "a", "model": _tiny_model("a"), "checkpoint": ck("a"), "max_per_image": 20, "train": {"iters": 1}},
+            {"name": "b", "model": _tiny_model("b", head="location_sensitive"), "checkpoint": ck("b"), "max_per_image": 20,
              "tta": {"scales": [64], "flip": True}, "train": {"iters": 1}},
         ],
-        "segmenter": {"name": "seg", "model": tiny_model("seg", mask=True), "checkpoint": ck("seg"),
+        "segmenter": {"name": "seg", "model": _tiny_model("seg", mask=True), "checkpoint": ck("seg"),
                       "tta": {"scales": [64], "flip": True}, "train": {"iters": 1}},
         "evaluation": {"overlays": 2},
     }  # fmt: skip
@@ -131,6 +131,12 @@ def _ledger_len(run_dir: Path) -> int:
 def ckpts(synth_small, tmp_path_factory) -> dict[str, Path]:
     """Random-weight checkpoints over `synth_small`'s categories: detectors a and b, segmenter seg."""
     return random_checkpoints(tmp_path_factory.getbasetemp() / "flows_models", synth_small / "annotations.json")
+
+
+@pytest.fixture
+def tiny_model():
+    """`tiny_model(name, head="two_fc", mask=False)` -> a tiny model config mapping (64 px inputs)."""
+    return _tiny_model
 
 
 @pytest.fixture

@@ -1,0 +1,150 @@
+"""Nothing lost, every bad input named: outputs that would destroy an input or cannot be written
+are refused before any compute (exit 2, one line naming both paths), and the inputs are
+byte-identical afterwards; OS errors become one line; files keep the umask's mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from twopass.pipeline import cli as pcli
+
+
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """`twopass ARGS` in this process: (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["twopass", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        pcli.main()
+    return e.value.code, capsys.readouterr().err
+
+
+def snapshot(*paths: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in paths}
+
+
+@pytest.fixture
+def data(synth_small, copy_data, tmp_path) -> Path:
+    return copy_data(synth_small, tmp_path / "data")
+
+
+def test_an_output_that_is_an_input_is_refused(monkeypatch, capsys, data, ckpts, tmp_path):
+    ann = data / "annotations.json"
+    results = tmp_path / "boxes.json"
+    results.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}]))
+    before = snapshot(ann, results)
+    cases = [
+        ("detect", "--checkpoint", ckpts["a"], "--images", data / "images", "--ann", ann, "--out", ann),
+        ("evaluate", "--ann", ann, "--results", results, "--out", ann),
+        ("evaluate", "--ann", ann, "--results", results, "--out", results),
+        ("segment", "--checkpoint", ckpts["seg"], "--detections", results, "--images", data / "images", "--ann", ann,
+         "--out", tmp_path / "inst.parquet", "--coco-json", ann),
+        ("segment", "--checkpoint", ckpts["seg"], "--detections", results, "--images", data / "images",
+         "--out", results),
+    ]  # fmt: skip
+    for args in cases:
+        code, err = run_main(monkeypatch, capsys, *args)
+        assert code == 2, (args, err)
+        assert err.count("\n") == 1 and "refusing to overwrite an input" in err, err
+        assert err.count(str(ann)) + err.count(str(results)) == 2, err  # the path, as output and as input
+    assert snapshot(ann, results) == before
+    assert not (tmp_path / "inst.parquet").exists()
+
+
+def test_fuse_refuses_to_overwrite_an_input(monkeypatch, capsys, tmp_path):
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}]))
+    before = snapshot(boxes)
+    code, err = run_main(monkeypatch, capsys, "fuse", boxes, "--out", boxes)
+    assert code == 2 and f"--out {boxes} is the input input {boxes}" in err
+    assert snapshot(boxes) == before
+
+
+def test_an_output_that_is_a_folder_or_twice_given_is_refused(monkeypatch, capsys, data, ckpts, tmp_path):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    code, err = run_main(monkeypatch, capsys, "detect", "--checkpoint", ckpts["a"], "--images", data / "images", "--out", folder)
+    assert code == 2 and f"--out {folder}: is a folder; give a file path" in err
+    same = tmp_path / "x.parquet"
+    code, err = run_main(monkeypatch, capsys, "segment", "--checkpoint", ckpts["seg"], "--detections", data / "annotations.json",
+                         "--images", data / "images", "--out", same, "--coco-json", same)  # fmt: skip
+    assert code == 2 and "--out and --coco-json are the same file" in err
+
+
+def test_mask_thresh_and_detect_settings_are_range_checked(monkeypatch, capsys, data, ckpts, tmp_path):
+    code, err = run_main(monkeypatch, capsys, "segment", "--checkpoint", ckpts["seg"], "--detections", data / "annotations.json",
+                         "--images", data / "images", "--out", tmp_path / "i.parquet", "--mask-thresh", "5")  # fmt: skip
+    assert code == 2 and "field 'mask_thresh'" in err and "less than 1" in err
+    code, err = run_main(monkeypatch, capsys, "detect", "--checkpoint", ckpts["a"], "--images", data / "images",
+                         "--out", tmp_path / "d.parquet", "--score-thresh", "1.5")  # fmt: skip
+    assert code == 2 and "field 'score_thresh'" in err
+    assert not (tmp_path / "i.parquet").exists() and not (tmp_path / "d.parquet").exists()
+
+
+def test_training_into_a_folder_with_another_run(monkeypatch, capsys, data, tiny_model, tmp_path):
+    import yaml
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_model("tiny")))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"iteration": 7}\n')
+    (run / "notes.txt").write_text("mine")
+    args = ["train-detector", "--config", cfg, "--train-ann", data / "annotations.json", "--train-images", data / "images",
+            "--out", run, "--iters", "1", "--batch", "2", "--no-progress"]  # fmt: skip
+    code, err = run_main(monkeypatch, capsys, *args)
+    assert code == 2 and "holds another run" in err and "--resume" in err and "--overwrite" in err
+    assert (run / "metrics.jsonl").read_text() == '{"iteration": 7}\n' and not (run / "checkpoints").exists()
+    code, _ = run_main(monkeypatch, capsys, *args, "--overwrite")
+    assert code == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert '"iteration": 7' not in lines[0] and (run / "checkpoints" / "last.json").is_file()
+    assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+
+
+def test_os_errors_are_one_line_naming_the_path():
+    assert pcli.error_line(OSError(28, "No space left on device", "/data/out.parquet")) == (
+        "/data/out.parquet: No space left on device (errno 28)"
+    )
+    assert pcli.error_line(IsADirectoryError(21, "Is a directory", "out")) == "out: Is a directory (errno 21)"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_a_read_only_output_folder_is_refused(monkeypatch, capsys, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text("[]")
+    code, err = run_main(monkeypatch, capsys, "fuse", boxes, "--out", ro / "f.parquet")
+    assert code == 2 and "is not writable" in err
+
+
+def test_atomic_writes_keep_the_umask_mode(tmp_path):
+    from twopass.pipeline.fileio import _UMASK, write_json
+
+    write_json(tmp_path / "x.json", {"a": 1})
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o666 & ~_UMASK
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left
+
+
+def test_a_checkpoint_pointer_outside_its_run_folder_is_refused(tmp_path):
+    from twopass.detector.checkpoint import CheckpointError, resolve
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.json").write_text(json.dumps({"checkpoint": "../../../etc/passwd"}))
+    with pytest.raises(CheckpointError, match=r"points at '\.\./\.\./\.\./etc/passwd', outside"):
+        resolve(run)
+
+
+def test_model_config_values_are_range_checked_naming_the_field():
+    from twopass.detector.config import ConfigError, config_from_dict
+
+    for section, field, value in (("input", "test_size", -5), ("train", "base_lr", -0.1), ("box_head", "nms_thresh", 1.5),
+                                  ("rpn", "fg_iou_thresh", 2.0), ("train", "hflip_prob", -1)):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"field '{section}.{field}'"):
+            config_from_dict({"name": "x", section: {field: value}}, "cfg.yaml")
