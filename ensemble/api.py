@@ -19,13 +19,14 @@ from twopass.pipeline.tables import TableMeta, read_results, write_table
 from .table_fusion import fuse
 
 
-def read_inputs(inputs: Sequence[str | Path | pa.Table]) -> tuple[list[pa.Table], Categories | None]:
+def read_inputs(inputs: Sequence[str | Path | pa.Table], categories: Categories | None = None,
+                source: str = "") -> tuple[list[pa.Table], Categories | None]:  # fmt: skip
     """Tables of all inputs (files, or tables as they are) and their category list; Parquet
-    category lists must agree. COCO results JSON files record no categories: their ids are
-    checked against the list."""
+    category lists must agree (with `categories`, from `source`, when given). COCO results JSON
+    files record no categories: their ids are checked against the list."""
     tables: list[Any] = [t if isinstance(t, pa.Table) else None for t in inputs]
     paths = [None if isinstance(p, pa.Table) else Path(p) for p in inputs]
-    categories, first = None, None
+    first = source if categories is not None else None
     for i, path in enumerate(paths):
         if path is not None and path.suffix.lower() != ".json":
             tables[i], meta = read_results(path)
@@ -53,13 +54,15 @@ def fuse_files(
     producer: str = "fuse",
     out: str | Path | None = None,
     extra: dict[str, Any] | None = None,
+    categories: Categories | None = None,
 ) -> tuple[pa.Table, TableMeta]:
     """Fuse the rows of every input (a file or a table; of `image_ids` only, when given) per image and
     category: one fusion member per (file, source). `image_sizes` ({id: (h, w)} or an images
     table) normalise and clip the boxes; without them each image's box extent stands in.
-    `weights`: one per input file (its sources share it); None: 1.0 each. Written to `out`
-    when given; returns (fused detections, meta)."""
-    tables, categories = read_inputs(inputs)
+    `weights`: one per input file (its sources share it); None: 1.0 each. `categories`: the
+    dataset's list, which every input must use (`dataset` names it). Written to `out` when
+    given; returns (fused detections, meta)."""
+    tables, categories = read_inputs(inputs, categories, dataset or "")
     if image_ids is not None:
         wanted = pa.array(list(map(int, image_ids)), pa.int64())
         tables = [t.filter(pc.is_in(t.column("image_id"), value_set=wanted)) for t in tables]

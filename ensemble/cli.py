@@ -19,13 +19,15 @@ def _parse_weights(text: str | None) -> list[float] | None:
         raise ValueError(f"--weights: {text!r} is not a comma-separated list of numbers, e.g. 2,1,1") from None
 
 
-def _read_image_sizes(path: Path) -> Any:
-    """{image_id: (height, width)} from a COCO annotations JSON, or an images table Parquet."""
+def _read_images(path: Path) -> tuple[Any, Any]:
+    """({image_id: (height, width)}, categories or None) from a COCO annotations JSON (its
+    categories too, when it has them), or (an images table, None) from an images table Parquet."""
+    from twopass.pipeline.categories import Categories
     from twopass.pipeline.fileio import read_json
     from twopass.pipeline.tables import read_table
 
     if path.suffix.lower() != ".json":
-        return read_table(path, "images")[0]
+        return read_table(path, "images")[0], None
     data = read_json(path)
     if not (isinstance(data, dict) and isinstance(data.get("images"), list)):
         raise ValueError(f"{path}: expected COCO annotations with an 'images' list")
@@ -34,7 +36,8 @@ def _read_image_sizes(path: Path) -> Any:
         if not all(k in im for k in ("id", "height", "width")):
             raise ValueError(f"{path}: images[{i}] needs 'id', 'height' and 'width'")
         sizes[int(im["id"])] = (float(im["height"]), float(im["width"]))
-    return sizes
+    categories = Categories.from_coco(data["categories"], source=str(path)) if isinstance(data.get("categories"), list) else None
+    return sizes, categories
 
 
 def register(app: typer.Typer) -> None:
@@ -78,8 +81,10 @@ def _fuse(inputs: list[Path], out: Path, weights: str | None, images: Path | Non
     from .api import fuse_files
 
     check_outputs({"--out": out}, {**{f"input {p}": p for p in inputs}, "--images": images})
+    # --images as COCO annotations: every input's images and categories are checked against it
+    sizes, categories = _read_images(images) if images is not None else (None, None)
     fused, meta = fuse_files(inputs, settings, weights=_parse_weights(weights), source=source, producer="twopass fuse", out=out,
-                             image_sizes=_read_image_sizes(images) if images is not None else None,
+                             image_sizes=sizes, categories=categories, dataset=None if images is None else str(images),
                              extra={"images": None if images is None else str(images)})  # fmt: skip
     n_images = len(set(fused.column("image_id").to_pylist()))
     typer.echo(f"wrote {out}: {fused.num_rows} boxes in {n_images} images, fused from {meta.extra['boxes_in']} boxes in {len(inputs)} files")

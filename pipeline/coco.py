@@ -209,7 +209,17 @@ class CocoIndex:
             data = read_json(path)
         except (FileNotFoundError, ValueError) as e:
             raise DataError(str(e)) from None
+        return cls.from_dict(data, path)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str | Path) -> "CocoIndex":
+        """Check COCO annotations (`path` names them in errors): every image with an id, file and
+        size; every annotation on a known image and category, with a finite box of positive size
+        inside its image and polygons of at least three points."""
         src = str(path)
+        path = Path(path)
+        if not isinstance(data, dict):
+            raise DataError(f"{src}: COCO annotations are a mapping, got {type(data).__name__}")
         for key in ("images", "annotations", "categories"):
             if not isinstance(data.get(key), list):
                 raise DataError(f"{src}: missing list {key!r}")
@@ -247,6 +257,9 @@ class CocoIndex:
             t = _BOX_TOLERANCE
             if x < -t or y < -t or x + w > W + t or y + h > H + t:
                 raise DataError(f"{src}: annotation {aid} (image_id {iid}) bbox {bbox} lies outside the {W}x{H} image")
+            seg = a.get("segmentation")
+            if isinstance(seg, list) and any(not isinstance(p, list) or len(p) < 6 or len(p) % 2 for p in seg):
+                raise DataError(f"{src}: annotation {aid} (image_id {iid}) has a polygon of fewer than 3 points (or an odd count)")
             anns[iid].append(a)
         return cls(path, images, categories, anns, data)
 

@@ -15,15 +15,17 @@ import numpy as np
 import pyarrow as pa
 
 from .categories import Categories
-from .fileio import read_json
-from .tables import read_results, to_coco_results
+from .coco import CocoIndex
+from .tables import check_values, from_coco_results, read_results, to_coco_results
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 Backend = Literal["faster", "pycocotools"]
 
 
 def _load_gt(gt: str | Path | dict, backend: Backend):
-    data = read_json(gt) if not isinstance(gt, dict) else gt
+    # the same checks as every other stage: a NaN, negative or out-of-image box, a 2-point
+    # polygon, an annotation on an unknown image or category is named, never scored
+    data = CocoIndex.cached(gt).raw if not isinstance(gt, dict) else CocoIndex.from_dict(gt, "ground truth").raw
     # COCOeval writes keys ('ignore', ...) into the ground-truth dicts: give it copies.
     data = {**data, "annotations": [dict(a) for a in data["annotations"]]}
     if backend == "faster":
@@ -61,13 +63,17 @@ def evaluate(
     `{"bbox": {"AP": .., ...}, "segm": {...}, "per_category": {"bbox": {name: AP}, ...}}`.
     """
     what = str(results) if isinstance(results, (str, Path)) else "results"
-    if isinstance(results, (str, Path)):
-        results, _ = read_results(results)
-    if isinstance(results, pa.Table):
-        results = to_coco_results(results)
     gt_coco = _load_gt(gt, backend)
-    _check_results(results, gt_coco, what)
     categories = Categories.from_coco(gt_coco.dataset["categories"])
+    if isinstance(results, (str, Path)):
+        results, meta = read_results(results)
+        if meta.categories is not None:
+            categories.check_same(meta.categories, f"{what} against the ground truth")
+    if isinstance(results, list):
+        results = from_coco_results(results, source="results", what=what)
+    check_values(results, what, score_range=(0.0, 1.0))
+    results = to_coco_results(results)
+    _check_results(results, gt_coco, what)
     has_masks = bool(results) and all("segmentation" in r for r in results)
     out: dict = {"per_category": {}}
     for iou_type in iou_types:

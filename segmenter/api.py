@@ -16,7 +16,7 @@ from twopass.detector.api import LoadedModel, ModelKind, check_categories
 from twopass.detector.infer import View
 from twopass.pipeline.coco import ImageSet
 from twopass.pipeline.settings import SEGMENT, SegmentSettings
-from twopass.pipeline.tables import TableMeta, read_results, write_table
+from twopass.pipeline.tables import TableMeta, check_values, read_results, write_table
 
 from .config import load_segmenter_config, segmenter_config_from_dict
 from .infer import SegmentReport, segment
@@ -54,6 +54,7 @@ def segment_images(
         what = str(detections)
         if det_meta.categories is not None:
             loaded.meta.categories.check_same(det_meta.categories, f"{detections} against checkpoint {loaded.meta.path}")
+    check_values(table, what, score_range=(0.0, 1.0))  # a score of 1.5 is named, not copied to the masks
     if image_ids is not None:
         table = table.filter(pc.is_in(table.column("image_id"), value_set=pa.array(list(map(int, image_ids)), pa.int64())))
     with loaded.lock:

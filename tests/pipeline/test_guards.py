@@ -148,3 +148,65 @@ def test_model_config_values_are_range_checked_naming_the_field():
                                   ("rpn", "fg_iou_thresh", 2.0), ("train", "hflip_prob", -1)):  # fmt: skip
         with pytest.raises(ConfigError, match=rf"field '{section}.{field}'"):
             config_from_dict({"name": "x", section: {field: value}}, "cfg.yaml")
+
+
+def _results(ann: Path, **change) -> list[dict]:
+    gt = json.loads(ann.read_text())
+    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9, **change}
+            for a in gt["annotations"][:5]]  # fmt: skip
+
+
+def test_evaluate_checks_ground_truth_and_results(monkeypatch, capsys, data, tmp_path):
+    ann = data / "annotations.json"
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_results(ann)))
+    gt = json.loads(ann.read_text())
+    cases = []
+    for name, edit, message in (
+        ("nan", lambda a: a.__setitem__("bbox", [float("nan"), 1, 2, 2]), "bad bbox"),
+        ("negative", lambda a: a.__setitem__("bbox", [1, 1, -3, 2]), "degenerate bbox"),
+        ("outside", lambda a: a.__setitem__("bbox", [120, 120, 50, 50]), "lies outside"),
+        ("polygon", lambda a: a.__setitem__("segmentation", [[1, 1, 5, 5]]), "polygon of fewer than 3 points"),
+    ):
+        bad = json.loads(json.dumps(gt))
+        edit(bad["annotations"][0])
+        path = tmp_path / f"gt_{name}.json"
+        path.write_text(json.dumps(bad))
+        cases.append((("evaluate", "--ann", path, "--results", good), message))
+    scores = tmp_path / "scores.json"
+    scores.write_text(json.dumps(_results(ann, score=1.5)))
+    cases.append((("evaluate", "--ann", ann, "--results", scores), "field 'score' is 1.5"))
+    for args, message in cases:
+        code, err = run_main(monkeypatch, capsys, *args)
+        assert code == 2 and message in err and err.count("\n") == 1, (args, err)
+
+
+def test_evaluate_refuses_results_of_another_category_list(monkeypatch, capsys, data, tmp_path):
+    from twopass.pipeline.categories import Categories
+    from twopass.pipeline.tables import TableMeta, from_coco_results, write_table
+
+    ann = data / "annotations.json"
+    table = from_coco_results(_results(ann), source="x")
+    other = Categories.from_coco([{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}])
+    write_table(tmp_path / "r.parquet", table, TableMeta(kind="detections", producer="test", categories=other))
+    code, err = run_main(monkeypatch, capsys, "evaluate", "--ann", ann, "--results", tmp_path / "r.parquet")
+    assert code == 2 and "against the ground truth" in err
+
+
+def test_segment_names_a_score_outside_0_1(monkeypatch, capsys, data, ckpts, tmp_path):
+    det = tmp_path / "det.json"
+    det.write_text(json.dumps(_results(data / "annotations.json", score=1.5)))
+    code, err = run_main(monkeypatch, capsys, "segment", "--checkpoint", ckpts["seg"], "--detections", det, "--images", data / "images",
+                         "--ann", data / "annotations.json", "--out", tmp_path / "i.parquet")  # fmt: skip
+    assert code == 2 and f"{det}: field 'score' is 1.5" in err and not (tmp_path / "i.parquet").exists()
+
+
+def test_fuse_checks_json_inputs_against_the_annotations(monkeypatch, capsys, data, tmp_path):
+    ann = data / "annotations.json"
+    boxes = tmp_path / "b.json"
+    boxes.write_text(json.dumps(_results(ann, category_id=77)))
+    code, err = run_main(monkeypatch, capsys, "fuse", boxes, "--images", ann, "--out", tmp_path / "f.parquet")
+    assert code == 2 and "77" in err and str(boxes) in err
+    boxes.write_text(json.dumps(_results(ann, image_id=999)))
+    code, err = run_main(monkeypatch, capsys, "fuse", boxes, "--images", ann, "--out", tmp_path / "f.parquet")
+    assert code == 2 and "image_id 999" in err and not (tmp_path / "f.parquet").exists()
