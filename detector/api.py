@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from twopass.pipeline.coco import CocoDataset, ImageSet
-from twopass.pipeline.fileio import OutputError, read_json
+from twopass.pipeline.fileio import OutputError, read_json, sweep_temp_files
 from twopass.pipeline.settings import DETECT, DetectSettings
 from twopass.pipeline.tables import TableMeta, write_table
 
@@ -109,6 +109,8 @@ def claim_run_folder(out: str | Path, resume: bool, overwrite: bool) -> None:
         raise OutputError(f"--out {out}: is a file; a run folder is expected")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(f"--out {out}: folder is not writable")
+    if out.is_dir():
+        sweep_temp_files(out)  # what a killed run left mid-write
     held = [out / n for n in ("checkpoints", "metrics.jsonl") if (out / n).exists()]
     if not held or resume:
         return

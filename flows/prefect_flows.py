@@ -29,7 +29,7 @@ from twopass.detector.stage import resolve_model
 from twopass.flows import tasks  # absolute: Prefect loads this file by path (prefect.yaml entrypoints)
 from twopass.pipeline import report
 from twopass.pipeline.config import PipelineConfig, safe_name
-from twopass.pipeline.fileio import read_json
+from twopass.pipeline.fileio import read_json, sweep_temp_files
 from twopass.pipeline.runfolder import ap_table, format_ap_table, publish, read_ledger, shard_label, shards, stage_counts, write_coco_json
 from twopass.segmenter.api import SEGMENTER
 from twopass.segmenter.two_pass import checkpoints as resolve_checkpoints
@@ -121,6 +121,8 @@ def _prepare(config: PipelineConfig | str, run_dir: str) -> tuple[PipelineConfig
         config = load_pipeline_config(config)
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
+    for p in sweep_temp_files(run):
+        get_run_logger().warning(f"removed {p}, left by a writer that was killed")
     write_pipeline_config(run / "pipeline.yaml", config)
     return config, str(run.resolve())
 

@@ -210,3 +210,18 @@ def test_fuse_checks_json_inputs_against_the_annotations(monkeypatch, capsys, da
     boxes.write_text(json.dumps(_results(ann, image_id=999)))
     code, err = run_main(monkeypatch, capsys, "fuse", boxes, "--images", ann, "--out", tmp_path / "f.parquet")
     assert code == 2 and "image_id 999" in err and not (tmp_path / "f.parquet").exists()
+
+
+def test_temp_files_of_killed_writers_are_swept(tmp_path):
+    import subprocess
+
+    from twopass.pipeline.fileio import atomic_path, sweep_temp_files
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (tmp_path / "sub").mkdir()
+    stale = tmp_path / "sub" / f".shard.parquet.{dead}.k2j4h5.tmp"
+    stale.write_text("half")
+    with atomic_path(tmp_path / "live.json") as live:  # this process's own temp file
+        live.write_text("{}")
+        assert sweep_temp_files(tmp_path) == [stale] and live.exists() and not stale.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["live.json"]
