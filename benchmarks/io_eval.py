@@ -1,7 +1,8 @@
 """Parquet I/O and COCO evaluation speed on 500 images x 100 instances with masks.
 
-Reference: plain pycocotools COCOeval (bbox + segm) on the same results. The two evaluation
-backends run alternately, `--repeats` times each; median and minimum are reported.
+Reference: plain pycocotools (COCO, loadRes, COCOeval; bbox + segm) on the same results list.
+Ours is `pipeline.evaluate.evaluate` with its input checks on (ground truth and results). The
+two sides run alternately, `--repeats` times each; median and minimum are reported.
 
     python benchmarks/io_eval.py [--images 500] [--per-image 100] [--repeats 3]
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from twopass.pipeline.coco import CocoIndex
 from twopass.pipeline.evaluate import evaluate
 from twopass.pipeline.synth import generate
 from twopass.pipeline.tables import TableMeta, detections_table, instances_table, read_table, to_coco_results, write_table
@@ -63,6 +65,28 @@ def timed(fn):
     return time.perf_counter() - t, out
 
 
+def plain_pycocotools(ann: Path, results: list[dict]) -> dict:
+    """The reference: pycocotools as its README uses it (COCO, loadRes, COCOeval), no checks."""
+    import contextlib
+    import copy
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    out = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(ann))
+        for iou_type in ("bbox", "segm"):
+            dets = [{k: v for k, v in r.items() if k != "segmentation"} for r in results] if iou_type == "bbox" else copy.copy(results)
+            ev = COCOeval(gt, gt.loadRes([dict(d) for d in dets]), iou_type)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            out[iou_type] = dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"), map(float, ev.stats)))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=500)
@@ -92,8 +116,9 @@ def main() -> None:
         results = to_coco_results(table)
         t_ours, t_ref, m_ours, m_ref = [], [], None, None
         for _ in range(args.repeats):  # alternate the two sides so machine noise hits both alike
-            dt, m_ref = timed(lambda: evaluate(ann, results, backend="pycocotools", per_category=False))
+            dt, m_ref = timed(lambda: plain_pycocotools(ann, results))
             t_ref.append(dt)
+            CocoIndex.clear_cache()  # ours checks the ground truth every time, as a first call does
             dt, m_ours = timed(lambda: evaluate(ann, results, backend="faster", per_category=False))
             t_ours.append(dt)
         diff = max(abs(m_ours[t][k] - m_ref[t][k]) for t in ("bbox", "segm") for k in m_ref[t])

@@ -203,6 +203,11 @@ class CocoIndex:
         return hit
 
     @classmethod
+    def clear_cache(cls) -> None:
+        with _INDEX_LOCK:
+            _INDEX_CACHE.clear()
+
+    @classmethod
     def load(cls, ann_file: str | Path) -> "CocoIndex":
         path = Path(ann_file)
         try:

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from .categories import Categories
 from .coco import CocoIndex
-from .tables import check_values, from_coco_results, read_results, to_coco_results
+from .tables import check_arrays, check_values, read_results, to_coco_results
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 Backend = Literal["faster", "pycocotools"]
@@ -37,6 +37,21 @@ def _load_gt(gt: str | Path | dict, backend: Backend):
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
+
+
+def _check_result_values(results: list[dict], what: str) -> None:
+    """The value checks of every other stage (finite, ordered boxes; scores in [0, 1]) on a
+    COCO results list, through arrays rather than a table (no copy of the masks)."""
+    if not results:
+        return
+    try:
+        xywh = np.asarray([r["bbox"] for r in results], dtype=np.float64).reshape(len(results), 4)
+        scores = np.asarray([r["score"] for r in results], dtype=np.float64)
+        ids = np.asarray([r["image_id"] for r in results])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{what}: each result needs image_id, category_id, a 4-number bbox and a score ({e})") from None
+    x, y, w, h = xywh.T
+    check_arrays(ids, {"score": scores, "x1": x, "y1": y, "x2": x + w, "y2": y + h}, what, score_range=(0.0, 1.0))
 
 
 def _check_results(results: list[dict], gt_coco, what: str) -> None:
@@ -69,10 +84,12 @@ def evaluate(
         results, meta = read_results(results)
         if meta.categories is not None:
             categories.check_same(meta.categories, f"{what} against the ground truth")
-    if isinstance(results, list):
-        results = from_coco_results(results, source="results", what=what)
-    check_values(results, what, score_range=(0.0, 1.0))
-    results = to_coco_results(results)
+    owned = isinstance(results, pa.Table)  # the dicts made here may be handed to COCO unchanged
+    if owned:
+        check_values(results, what, score_range=(0.0, 1.0))
+        results = to_coco_results(results)
+    else:
+        _check_result_values(results, what)
     _check_results(results, gt_coco, what)
     has_masks = bool(results) and all("segmentation" in r for r in results)
     out: dict = {"per_category": {}}
@@ -87,6 +104,8 @@ def evaluate(
         # copies (a deep copy cost three quarters of the evaluation time).
         if iou_type == "bbox":
             dets = [{k: v for k, v in d.items() if k != "segmentation"} for d in results]
+        elif owned and iou_type == iou_types[-1]:
+            dets = results  # made here, used for the last time: no copy
         else:
             dets = [dict(d) for d in results]
         with contextlib.redirect_stdout(io.StringIO()):

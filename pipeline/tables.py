@@ -160,8 +160,12 @@ def check_values(table: pa.Table, what: str, score_range: tuple[float, float] | 
     """
     if table.num_rows == 0:
         return
-    ids = table.column("image_id").to_numpy()
     cols = {c: table.column(c).to_numpy() for c in ("score", *BOX_COLUMNS)}
+    check_arrays(table.column("image_id").to_numpy(), cols, what, score_range)
+
+
+def check_arrays(ids: np.ndarray, cols: dict[str, np.ndarray], what: str, score_range: tuple[float, float] | None = None) -> None:
+    """`check_values` on arrays: `cols` holds score, x1, y1, x2, y2 (one value a row)."""
     for name, col in cols.items():
         bad = np.flatnonzero(~np.isfinite(col))
         if bad.size:
