@@ -80,7 +80,7 @@ def _fuse(inputs: list[Path], out: Path, weights: str | None, images: Path | Non
 
     from .api import fuse_files
 
-    check_outputs({"--out": out}, {**{f"input {p}": p for p in inputs}, "--images": images})
+    check_outputs({"--out": out}, {**{f"#{i + 1}": p for i, p in enumerate(inputs)}, "--images": images})
     # --images as COCO annotations: every input's images and categories are checked against it
     sizes, categories = _read_images(images) if images is not None else (None, None)
     fused, meta = fuse_files(inputs, settings, weights=_parse_weights(weights), source=source, producer="twopass fuse", out=out,

@@ -59,7 +59,7 @@ def test_fuse_refuses_to_overwrite_an_input(monkeypatch, capsys, tmp_path):
     boxes.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}]))
     before = snapshot(boxes)
     code, err = run_main(monkeypatch, capsys, "fuse", boxes, "--out", boxes)
-    assert code == 2 and f"--out {boxes} is the input input {boxes}" in err
+    assert code == 2 and f"--out {boxes} is the input #1 {boxes}" in err
     assert snapshot(boxes) == before
 
 
