@@ -156,7 +156,7 @@ def detect_shard(run_dir, kind: ModelKind, spec: DetectorSpec, checkpoint: str |
     segmenter (`segmenter.own_boxes`) writes its own masks too: an instances table, whose boxes
     fuse like any detector's. `plan`: this call's `detect_plan`, when the caller has it."""
     plan = plan or detect_plan(run_dir, kind, spec, checkpoint, data, ids, device)
-    if plan.out.is_file():
+    if plan.done(log):
         say(log, f"detect {spec.name} {shard_label(ids)}: reused {plan.out.name}")
         return str(plan.out)
     t0 = time.perf_counter()

@@ -33,7 +33,7 @@ def fuse_shard(run_dir, fusion: FuseSettings, inputs: Sequence[str | Path], weig
     """Fuse the rows of one shard of images from several detections files (detectors, each with
     all its views) into one detections file."""
     plan = plan or fuse_plan(run_dir, fusion, inputs, weights, data, ids)
-    if plan.out.is_file():
+    if plan.done(log):
         say(log, f"fuse {shard_label(ids)}: reused {plan.out.name}")
         return str(plan.out)
     t0 = time.perf_counter()

@@ -206,13 +206,14 @@ def evaluate_cmd(
 def example_config_cmd(
     out: Annotated[Path, typer.Argument(help="Where to write the YAML.")],
     data: Annotated[Path, typer.Option(help="Data folder with train/ and val/ (as `twopass synth` makes them).")] = Path("data"),
+    smoke: Annotated[bool, typer.Option(help="A first try: 10 iterations a model and one view each (a minute or two on a CPU).")] = False,
 ) -> None:
     """Write the demo's pipeline config as a starting point for your own."""
     from twopass.pipeline.config import write_pipeline_config
 
-    from .demo import demo_config
+    from .demo import demo_config, smoke_config
 
-    write_pipeline_config(out, demo_config(data))
+    write_pipeline_config(out, smoke_config(data) if smoke else demo_config(data))
     typer.echo(f"wrote {out}")
 
 

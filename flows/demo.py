@@ -97,3 +97,16 @@ def demo_config(data_dir: str | Path, train_budget_s: float = 540.0, iters: int 
             "evaluation": {"overlays": 4, "score_thresh": 0.0, "overlay_top": 8},
         }
     )
+
+
+def smoke_config(data_dir: str | Path) -> PipelineConfig:
+    """The demo's pipeline with 10 training iterations a model and one view each: a first run of
+    a deployment or a cluster set-up, to see every stage go through (the AP is near zero)."""
+    d = demo_config(data_dir, iters=10).to_dict()
+    d["name"] = "smoke"
+    for spec in (*d["detectors"], d["segmenter"]):
+        spec["train"].update(iters=10, time_budget_s=None)
+        spec["tta"] = {"scales": None, "flip": False}
+    if d["segmenter"].get("own_boxes"):
+        d["segmenter"]["own_boxes"]["tta"] = {"scales": None, "flip": False}
+    return PipelineConfig.model_validate(d)

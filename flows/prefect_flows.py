@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import twopass.flows  # noqa: F401  (Prefect defaults set before Prefect is imported)
-from prefect import flow
+from prefect import flow, tags
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -29,7 +29,7 @@ from twopass.detector.stage import resolve_model
 from twopass.flows import tasks  # absolute: Prefect loads this file by path (prefect.yaml entrypoints)
 from twopass.pipeline import report
 from twopass.pipeline.config import PipelineConfig, safe_name
-from twopass.pipeline.fileio import read_json, sweep_temp_files
+from twopass.pipeline.fileio import read_json, stable_hash, sweep_temp_files
 from twopass.pipeline.runfolder import ap_table, format_ap_table, publish, read_ledger, shard_label, shards, stage_counts, write_coco_json
 from twopass.segmenter.api import SEGMENTER
 from twopass.segmenter.two_pass import checkpoints as resolve_checkpoints
@@ -112,6 +112,12 @@ def _ran_since(run_dir: str | Path, t0: float) -> dict[str, int]:
     return stage_counts(e for e in read_ledger(run_dir) if e.get("time", 0) >= t0 - 1e-3)
 
 
+def artifact_key(name: str, run_dir: str | Path) -> str:
+    """The prefix of a run's artifact keys: the config's name and its run folder's hash, so two
+    runs of one config in two folders keep their own reports (Prefect allows a-z, 0-9, dashes)."""
+    return f"{safe_name(name)}-{stable_hash(str(Path(run_dir).resolve()))[:8]}".lower().replace("_", "-").replace(".", "-")
+
+
 def _prepare(config: PipelineConfig | str, run_dir: str) -> tuple[PipelineConfig, str]:
     """The config (a YAML path is loaded: a deployment may be given one) and the run folder,
     with the config written to RUN/pipeline.yaml."""
@@ -147,8 +153,9 @@ def train_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, par
         shards = Shards()
         out = {}
         for kind, spec in jobs:
-            fut = shards.add(f"train {spec.name}", T.train_model.submit(
-                run_dir=run_dir, kind=kind, spec=spec, data=config.data, device=config.device, progress=not parallel))
+            with tags(spec.name):
+                fut = shards.add(f"train {spec.name}", T.train_model.submit(
+                    run_dir=run_dir, kind=kind, spec=spec, data=config.data, device=config.device, progress=not parallel))
             if not parallel:
                 fut.wait()
                 if not fut.state.is_completed():
@@ -177,15 +184,16 @@ def detect_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, ch
 def _submit_detect(T, config, run_dir, ckpts, shard_ids, submitted: Shards) -> dict[str, list]:
     """{model name: futures of its shards} for every model of pass one."""
     n = len(shard_ids)
-    return {
-        d.name: [
-            submitted.add(f"detect {d.name} shard {k + 1}/{n} ({shard_label(ids)})", T.detect_shard.submit(
-                run_dir=run_dir, kind=kind, spec=d, checkpoint=ckpts[d.name], data=config.data, ids=ids, device=config.device,
-                shard=_shard_name(k, n)))
-            for k, ids in enumerate(shard_ids)
-        ]
-        for kind, d in config.pass_one()
-    }  # fmt: skip
+    parts: dict[str, list] = {}
+    for kind, d in config.pass_one():
+        with tags(d.name):  # with the task's own (twopass, detect): concurrency limits per model
+            parts[d.name] = [
+                submitted.add(f"detect {d.name} shard {k + 1}/{n} ({shard_label(ids)})", T.detect_shard.submit(
+                    run_dir=run_dir, kind=kind, spec=d, checkpoint=ckpts[d.name], data=config.data, ids=ids, device=config.device,
+                    shard=_shard_name(k, n)))
+                for k, ids in enumerate(shard_ids)
+            ]  # fmt: skip
+    return parts
 
 
 def _merge_and_publish_detections(T, run_dir, parts: dict[str, list]) -> tuple[dict[str, str], dict[str, Path]]:
@@ -285,7 +293,7 @@ def _evaluate_and_report(T, config: PipelineConfig, run_dir: str, detections: di
         outputs["metrics"] = metrics_path
     pictures = report.render_pictures(run_dir, config, fused, instances)
     path = report.write_report(run_dir, report.build_report(run_dir, config, metrics_path, outputs, pictures, ran))
-    key = safe_name(config.name).lower().replace("_", "-").replace(".", "-")
+    key = artifact_key(config.name, run_dir)
     if rows:
         create_table_artifact(key=f"{key}-ap-per-stage", table=rows, description=f"AP per stage, {config.name} ({run_dir})")
         log.info("AP per stage:\n" + format_ap_table(rows))

@@ -42,6 +42,30 @@ def _log():
     return logger.info
 
 
+def _warn():
+    try:
+        logger = get_run_logger()
+    except MissingContextError:
+        return None
+    return logger.warning
+
+
+# Retries: only failures that can pass (I/O, a lost Dask worker); a DataError, a config or
+# checkpoint error, a missing file fails at once, naming its input.
+RETRIES = dict(retries=2, retry_delay_seconds=[10, 60])
+
+
+def transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry the task unless its failure is a data error."""
+    try:
+        state.result(raise_on_failure=True)
+    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, KeyError, TypeError):
+        return False
+    except Exception:  # noqa: BLE001 - anything else (OSError, a lost worker) may pass
+        return True
+    return False
+
+
 # --------------------------------------------------------------------------- cache keys
 
 # task run id -> the plan its cache key function built (a task that comes back Cached never
@@ -59,7 +83,7 @@ def _key(plan: Callable[[dict[str, Any]], Planned]):
 
     def cache_key_fn(context, parameters: dict[str, Any]) -> str:
         planned = plan(parameters)
-        if not planned.out.is_file():
+        if not planned.done(_warn()):
             _drop_record(parameters["run_dir"], planned.key)
         _PLANS[str(context.task_run.id)] = planned
         while len(_PLANS) > _PLANS_KEPT:
@@ -92,38 +116,43 @@ def _train_key(context, p: dict[str, Any]) -> str | None:
 # --------------------------------------------------------------------------- tasks
 
 
-@task(name="train-model", cache_key_fn=_train_key, persist_result=True, task_run_name="train-{spec.name}")
+@task(name="train-model", cache_key_fn=_train_key, persist_result=True, task_run_name="train-{spec.name}", tags=["twopass", "train"],
+      retry_condition_fn=transient, **RETRIES)
 def train_model(run_dir: str, kind: str, spec, data, device: str = "cpu", progress: bool = True) -> str:
     return detector_stage.train_stage(run_dir, KINDS[kind], spec, data, device, progress, log=_log())
 
 
-@task(name="detect-shard", persist_result=True, task_run_name="detect-{spec.name}-{shard}",
+@task(name="detect-shard", persist_result=True, task_run_name="detect-{spec.name}-{shard}", tags=["twopass", "detect"],
+      retry_condition_fn=transient, **RETRIES,
       cache_key_fn=_key(lambda p: detector_stage.detect_plan(p["run_dir"], KINDS[p["kind"]], p["spec"], p["checkpoint"], p["data"],
                                                               p["ids"], p["device"])))  # fmt: skip
 def detect_shard(run_dir: str, kind: str, spec, checkpoint: str, data, ids: list[int], device: str = "cpu", shard: str = "") -> str:
     return detector_stage.detect_shard(run_dir, KINDS[kind], spec, checkpoint, data, ids, device, plan=_plan(), log=_log())
 
 
-@task(name="fuse-shard", persist_result=True, task_run_name="fuse-{shard}",
+@task(name="fuse-shard", persist_result=True, task_run_name="fuse-{shard}", tags=["twopass", "fuse"],
+      retry_condition_fn=transient, **RETRIES,
       cache_key_fn=_key(lambda p: ensemble_stage.fuse_plan(p["run_dir"], p["fusion"], p["inputs"], p["weights"], p["data"], p["ids"])))  # fmt: skip
 def fuse_shard(run_dir: str, fusion, inputs: list[str], weights: list[float], data, ids: list[int], shard: str = "") -> str:
     return ensemble_stage.fuse_shard(run_dir, fusion, inputs, weights, data, ids, plan=_plan(), log=_log())
 
 
-@task(name="segment-shard", persist_result=True, task_run_name="segment-{spec.name}-{shard}",
+@task(name="segment-shard", persist_result=True, task_run_name="segment-{spec.name}-{shard}", tags=["twopass", "segment"],
+      retry_condition_fn=transient, **RETRIES,
       cache_key_fn=_key(lambda p: segmenter_stage.segment_plan(p["run_dir"], p["spec"], p["checkpoint"], p["detections"], p["data"],
                                                                 p["ids"], p["device"])))  # fmt: skip
 def segment_shard(run_dir: str, spec, checkpoint: str, detections: str, data, ids: list[int], device: str = "cpu", shard: str = "") -> str:
     return segmenter_stage.segment_shard(run_dir, spec, checkpoint, detections, data, ids, device, plan=_plan(), log=_log())
 
 
-@task(name="merge", persist_result=True, task_run_name="merge-{stage}-{label}",
+@task(name="merge", persist_result=True, task_run_name="merge-{stage}-{label}", tags=["twopass", "merge"],
+      retry_condition_fn=transient, **RETRIES,
       cache_key_fn=_key(lambda p: runfolder.merge_plan(p["run_dir"], p["stage"], p["label"], p["parts"])))  # fmt: skip
 def merge(run_dir: str, stage: str, label: str, parts: list[str]) -> str:
     return runfolder.merge(run_dir, stage, label, parts, plan=_plan(), log=_log())
 
 
-@task(name="evaluate", persist_result=True,
+@task(name="evaluate", persist_result=True, tags=["twopass", "evaluate"], retry_condition_fn=transient, **RETRIES,
       cache_key_fn=_key(lambda p: two_pass.evaluation_plan(p["run_dir"], p["data"], p["fusion"], p["detectors"], p["fused"], p["instances"])))  # fmt: skip
 def evaluate(run_dir: str, data, fusion, detectors: dict[str, str], fused: str | None, instances: str | None) -> str:
     return two_pass.evaluate_stage(run_dir, data, fusion, detectors, fused, instances, plan=_plan(), log=_log())

@@ -53,6 +53,24 @@ class Planned:
     key: str
     out: Path
 
+    def done(self, log: Log = None) -> bool:
+        """Whether the output exists and reads (for Parquet: its footer). A damaged one (a disk
+        that filled, a copy cut short) is removed with a warning, so the stage computes it again
+        instead of failing every rerun."""
+        if not self.out.is_file():
+            return False
+        if self.out.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            try:
+                pq.read_metadata(self.out)
+            except (pa.ArrowInvalid, OSError) as e:
+                say(log, f"warning: {self.out} is unreadable ({e}); computing it again")
+                self.out.unlink(missing_ok=True)
+                return False
+        return True
+
 
 # --------------------------------------------------------------------------- hashing
 
@@ -227,7 +245,7 @@ def merge(run_dir, stage: str, label: str, parts: Sequence[str | Path], plan: Pl
     if not parts:
         raise ValueError(f"merge {stage} {label}: no shards to merge")
     plan = plan or merge_plan(run_dir, stage, label, parts)
-    if plan.out.is_file():
+    if plan.done(log):
         return str(plan.out)
     first = read_meta(parts[0])
     tables = [read_table(p, first.kind, first.categories)[0] for p in parts]
@@ -279,7 +297,7 @@ def ap_table(metrics: dict) -> list[dict]:
     out = []
     for r in metrics["stages"]:
         b, s = r.get("bbox", {}), r.get("segm", {})
-        fmt = lambda d, k: round(d[k], 4) if k in d and d[k] >= 0 else None  # noqa: E731
+        fmt = lambda d, k: round(d[k], 3) if k in d and d[k] >= 0 else None  # noqa: E731
         out.append({
             "stage": r["stage"], "what": r["what"],
             "box AP": fmt(b, "AP"), "box AP50": fmt(b, "AP50"), "box AP75": fmt(b, "AP75"),

@@ -41,7 +41,7 @@ def segment_shard(run_dir, spec: SegmenterSpec, checkpoint: str | Path, detectio
     """Pass two on one shard: masks for the rows of `detections` (a detections Parquet or COCO
     results JSON, from any source) on the shard's images."""
     plan = plan or segment_plan(run_dir, spec, checkpoint, detections, data, ids, device)
-    if plan.out.is_file():
+    if plan.done(log):
         say(log, f"segment {shard_label(ids)}: reused {plan.out.name}")
         return str(plan.out)
     t0 = time.perf_counter()

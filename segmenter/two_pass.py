@@ -68,7 +68,7 @@ def evaluate_stage(
     augmentation, its views fused), the fused boxes, the final masks. Writes
     RUN/evaluation/metrics-<key>.json; returns its path."""
     plan = plan or evaluation_plan(run_dir, data, fusion, detectors, fused, instances)
-    if plan.out.is_file():
+    if plan.done(log):
         return str(plan.out)
     t0 = time.perf_counter()
     gt = CocoIndex.cached(data.ann).raw

@@ -45,7 +45,7 @@ def task_states(flow_state, shard_tasks: int) -> dict[str, str]:
 def test_rerun_skips_and_changes_rerun_only_what_they_touch(config, counts, ledger_len, harness, synth_small, ckpts, tmp_path):
     from prefect.artifacts import Artifact
 
-    from twopass.flows.prefect_flows import segment_flow, two_pass_flow
+    from twopass.flows.prefect_flows import artifact_key, segment_flow, two_pass_flow
     from twopass.pipeline.runfolder import read_ledger
     from twopass.pipeline.tables import read_table
 
@@ -58,9 +58,11 @@ def test_rerun_skips_and_changes_rerun_only_what_they_touch(config, counts, ledg
     instances, _ = read_table(run / "outputs" / "instances.parquet", "instances")
     assert sorted(set(instances.column("image_id").to_pylist())) == list(range(1, 9))
     assert (run / "report.md").is_file() and (run / "pictures" / "1.png").is_file() and (run / "logs" / "prefect.log").is_file()
-    table = Artifact.get("test-ap-per-stage")
+    key = artifact_key("test", run)  # unique per run folder
+    table = Artifact.get(f"{key}-ap-per-stage")
     assert table is not None and "final masks" in table.data
-    md = Artifact.get("test-report")
+    assert all(v is None or round(v, 3) == v for r in result["table"] for k, v in r.items() if "AP" in k)  # 3 decimals
+    md = Artifact.get(f"{key}-report")
     assert md is not None and "data:image/jpeg;base64," in md.data
 
     # evaluate_flow alone on the same files: the cached metrics, the report written again.
@@ -176,3 +178,19 @@ def test_dask_task_runner_gives_the_same_files(config, counts, harness, synth_sm
     dask = detect_flow.with_options(task_runner=task_runner("dask", workers=2))(cfg, str(tmp_path / "dask"))
     assert [Path(p).name for p in dask.values()] == [Path(p).name for p in threads.values()]
     assert counts(tmp_path / "dask") == {"detect": 6, "merge": 2}
+
+
+def test_retries_are_for_failures_that_can_pass():
+    """Prefect retries a task after an I/O error or a lost worker, never after a data error."""
+    from prefect.states import Failed
+
+    from twopass.flows.tasks import transient
+    from twopass.pipeline.coco import DataError
+
+    def state(e):
+        return Failed(data=e)
+
+    assert transient(None, None, state(OSError(5, "Input/output error", "x.parquet")))
+    assert transient(None, None, state(RuntimeError("worker lost")))
+    for e in (DataError("a.json: annotation 3 has bad bbox"), ValueError("bad"), FileNotFoundError(2, "missing", "x")):
+        assert not transient(None, None, state(e))

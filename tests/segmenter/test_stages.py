@@ -219,3 +219,18 @@ def test_segmenter_own_boxes_join_the_fusion(config, counts, synth_small, ckpts,
     row = next(r for r in metrics["stages"] if r["stage"] == "detector seg")
     assert "segm" in row and "bbox" in row  # its own masks are scored
     assert "segm" not in next(r for r in metrics["stages"] if r["stage"] == "detector a")
+
+
+def test_a_truncated_shard_is_computed_again(config, counts, synth_small, ckpts, tmp_path):
+    """A finished shard file that no longer reads (a disk that filled, a copy cut short) is
+    recomputed on the rerun, with a warning naming it, instead of failing every rerun."""
+    cfg = config(synth_small, ckpts)
+    run = tmp_path / "run"
+    d, ids = cfg.detectors[0], [1, 2, 3]
+    path = Path(detector_stage.detect_shard(run, DETECTOR, d, str(ckpts["a"]), cfg.data, ids))
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) // 2])
+    said = []
+    assert detector_stage.detect_shard(run, DETECTOR, d, str(ckpts["a"]), cfg.data, ids, log=said.append) == str(path)
+    assert any(f"{path} is unreadable" in m for m in said) and counts(run) == {"detect": 2}
+    assert path.read_bytes() == good  # the same content again
