@@ -30,7 +30,7 @@ from twopass.flows import tasks  # absolute: Prefect loads this file by path (pr
 from twopass.pipeline import report
 from twopass.pipeline.config import PipelineConfig, safe_name
 from twopass.pipeline.fileio import read_json, stable_hash, sweep_temp_files
-from twopass.pipeline.runfolder import ap_table, format_ap_table, publish, read_ledger, shard_label, shards, stage_counts, write_coco_json
+from twopass.pipeline.runfolder import ap_table, data_hash, format_ap_table, publish, read_ledger, shard_label, shards, stage_counts, write_coco_json
 from twopass.segmenter.api import SEGMENTER
 from twopass.segmenter.two_pass import checkpoints as resolve_checkpoints
 
@@ -234,7 +234,10 @@ def fuse_flow(config: PipelineConfig | str, detections: dict[str, str], run_dir:
 def segment_flow(config: PipelineConfig | str, detections: str, run_dir: str = DEFAULT_RUN_DIR, checkpoint: str | None = None) -> str:
     """Pass two alone: masks for the boxes of `detections` (a detections Parquet or COCO results
     JSON from any source), shard by shard; returns the merged instances Parquet. The rerun path
-    when new detections arrive: only these shards' segmentation runs."""
+    when new detections arrive: only these shards' segmentation runs. Its outputs, evaluation
+    (with annotations) and report go to RUN/segment-<detections' content key>/, beside a two-pass
+    run's in the same folder, never over them."""
+    t0 = time.time()
     config, run_dir = _prepare(config, run_dir)
     T = tasks.bound(run_dir)
     det = Path(detections)
@@ -253,8 +256,10 @@ def segment_flow(config: PipelineConfig | str, detections: str, run_dir: str = D
         _finish(submitted, "segment_flow")
         paths = [f.result() for _, f in submitted.items]
         merged = T.merge.submit(run_dir=run_dir, stage="instances", label=s.name, parts=paths).result()
-        publish(run_dir, merged, "instances.parquet")
-        write_coco_json(run_dir, merged, "instances.json")
+        own = Path(run_dir) / f"segment-{data_hash(det)[:12]}"
+        publish(own, merged, "instances.parquet")
+        write_coco_json(own, merged, "instances.json")
+        _evaluate_and_report(tasks.bound(own), config, str(own), {}, None, merged, _ran_since(run_dir, t0))
         return merged
 
 

@@ -100,9 +100,15 @@ def test_rerun_skips_and_changes_rerun_only_what_they_touch(config, counts, ledg
     det.write_text(json.dumps([{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
                                for a in gt["annotations"]]))  # fmt: skip
     n = ledger_len(run)
+    two_pass_outputs = {p.name: p.read_bytes() for p in (run / "outputs").iterdir()}
     path = segment_flow(cfg, str(det), str(run))
     assert counts(run, since=n) == {"segment": 3, "merge": 1}
     assert read_table(path, "instances")[0].num_rows == len(gt["annotations"])
+    # its own subfolder: outputs, evaluation and report; the two-pass run's outputs untouched
+    (own,) = run.glob("segment-*")
+    assert read_table(own / "outputs" / "instances.parquet", "instances")[0].num_rows == len(gt["annotations"])
+    assert (own / "report.md").is_file() and "final masks" in (own / "report.md").read_text()
+    assert {p.name: p.read_bytes() for p in (run / "outputs").iterdir()} == two_pass_outputs
     assert segment_flow(cfg, str(det), str(run)) == path and counts(run, since=n) == {"segment": 3, "merge": 1}
 
 
