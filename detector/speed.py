@@ -62,7 +62,7 @@ def fold_batchnorm(module: nn.Module) -> int:
 class ChannelsLast(nn.Module):
     """Runs `backbone` (body + FPN) on a channels-last input, so every conv of the body, the
     FPN and the RPN head (which reads the FPN maps) runs NHWC. torchvision's roi_align and
-    ps_roi_align give the same results on channels-last maps (tests/test_detector_infer.py)."""
+    ps_roi_align give the same results on channels-last maps (tests/detector/test_detector_infer.py)."""
 
     def __init__(self, backbone: nn.Module):
         super().__init__()

@@ -1,6 +1,6 @@
 """COCO evaluation of detections and instances: box and mask AP, per category too.
 
-Two backends give the same numbers (tests/test_evaluate.py holds them to each other):
+Two backends give the same numbers (tests/pipeline/test_evaluate.py holds them to each other):
 `pycocotools` (the reference) and `faster` (faster-coco-eval's C++ COCOeval, the default).
 """
 

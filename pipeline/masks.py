@@ -5,7 +5,7 @@ encodes each full image: 100 masks on an 800 x 1216 image touch 100 M pixels twi
 pixels outside a mask's box are all zero, so here each mask is resized, thresholded and
 run-length encoded inside its box only, and the zero runs around the box are added as
 numbers. The result is identical to torchvision's paste followed by `> thresh` and
-`pycocotools.mask.encode` (tests/test_masks.py checks it bit for bit).
+`pycocotools.mask.encode` (tests/pipeline/test_masks.py checks it bit for bit).
 """
 
 from __future__ import annotations
