@@ -16,6 +16,7 @@ from twopass.pipeline.runfolder import (
     Log,
     Planned,
     checkpoint_hash,
+    computed,
     content_hash,
     images_digest,
     key_of,
@@ -166,7 +167,5 @@ def detect_shard(run_dir, kind: ModelKind, spec: DetectorSpec, checkpoint: str |
         device=device, image_ids=ids, with_masks=kind.name == "segmenter", out=plan.out,
         extra={"image_ids": list(map(int, ids)), "key": plan.key},
     )  # fmt: skip
-    seconds = time.perf_counter() - t0
-    record(run_dir, stage="detect", name=spec.name, key=plan.key, output=str(plan.out), images=len(ids), rows=table.num_rows, seconds=round(seconds, 3))
-    say(log, f"detect {spec.name} {shard_label(ids)}: {table.num_rows} boxes in {seconds:.1f} s")
-    return str(plan.out)
+    return computed(run_dir, plan, t0, log, f"detect {spec.name} {shard_label(ids)}: {table.num_rows} boxes",
+                    stage="detect", name=spec.name, images=len(ids), rows=table.num_rows)  # fmt: skip

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from twopass.pipeline.config import DataConfig
-from twopass.pipeline.runfolder import Log, Planned, data_hash, dataset_label, key_of, open_images, record, say, shard_label
+from twopass.pipeline.runfolder import Log, Planned, computed, data_hash, dataset_label, key_of, open_images, say, shard_label
 from twopass.pipeline.settings import FuseSettings
 
 from .api import fuse_files
@@ -43,7 +43,5 @@ def fuse_shard(run_dir, fusion: FuseSettings, inputs: Sequence[str | Path], weig
         source=f"fused:{fusion.method}", dataset=dataset_label(data), out=plan.out,
         extra={"image_ids": list(map(int, ids)), "key": plan.key},
     )  # fmt: skip
-    seconds = time.perf_counter() - t0
-    record(run_dir, stage="fuse", name=fusion.method, key=plan.key, output=str(plan.out), images=len(ids), rows=fused.num_rows, seconds=round(seconds, 3))
-    say(log, f"fuse {shard_label(ids)}: {meta.extra['boxes_in']} boxes -> {fused.num_rows} in {seconds:.2f} s")
-    return str(plan.out)
+    return computed(run_dir, plan, t0, log, f"fuse {shard_label(ids)}: {meta.extra['boxes_in']} boxes -> {fused.num_rows}",
+                    stage="fuse", name=fusion.method, images=len(ids), rows=fused.num_rows)  # fmt: skip

@@ -34,20 +34,12 @@ from twopass.segmenter import two_pass
 from twopass.segmenter.two_pass import KINDS
 
 
-def _log():
+def _log(level: str = "info"):
+    """The run logger's method of `level`, or None outside a flow or task run."""
     try:
-        logger = get_run_logger()
+        return getattr(get_run_logger(), level)
     except MissingContextError:
         return None
-    return logger.info
-
-
-def _warn():
-    try:
-        logger = get_run_logger()
-    except MissingContextError:
-        return None
-    return logger.warning
 
 
 # Retries: only failures that can pass (I/O, a lost Dask worker); a DataError, a config or
@@ -83,7 +75,7 @@ def _key(plan: Callable[[dict[str, Any]], Planned]):
 
     def cache_key_fn(context, parameters: dict[str, Any]) -> str:
         planned = plan(parameters)
-        if not planned.done(_warn()):
+        if not planned.done(_log("warning")):
             _drop_record(parameters["run_dir"], planned.key)
         _PLANS[str(context.task_run.id)] = planned
         while len(_PLANS) > _PLANS_KEPT:

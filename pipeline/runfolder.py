@@ -193,13 +193,6 @@ def open_images(data: DataConfig):
     return ImageSet.open(data.images, ann=data.ann, images_table=data.images_table)
 
 
-def data_categories(data: DataConfig):
-    """The categories of `data.ann`, or None without annotations."""
-    from .coco import CocoIndex
-
-    return CocoIndex.cached(data.ann).categories if data.ann is not None else None
-
-
 def dataset_label(data: DataConfig) -> str:
     """What a table's metadata records as its dataset."""
     return str(data.ann or data.images_table or data.images)
@@ -314,6 +307,15 @@ def format_ap_table(rows: list[dict]) -> str:
         lines.append(f"{r['stage']:<{width}}" + "".join(f"{r[c]:10.3f}" if r[c] is not None else f"{'-':>10}" for c in cols))
     return "\n".join(lines)
 
+
+
+def computed(run_dir, plan: Planned, t0: float, log: Log, message: str, *, stage: str, name: str, **fields: Any) -> str:
+    """The end of a stage execution that computed: its ledger line, its log line (`message` and
+    the seconds since `t0`), its output's path."""
+    seconds = time.perf_counter() - t0
+    record(run_dir, stage=stage, name=name, key=plan.key, output=str(plan.out), **fields, seconds=round(seconds, 3))
+    say(log, f"{message} in {seconds:.2f} s")
+    return str(plan.out)
 
 
 def say(log: Log, message: str) -> None:

@@ -10,7 +10,7 @@ from typing import Sequence
 from twopass.detector.api import load_for_inference, views_of
 from twopass.detector.checkpoint import resolve
 from twopass.pipeline.config import DataConfig, SegmenterSpec, safe_name
-from twopass.pipeline.runfolder import Log, Planned, checkpoint_hash, data_hash, images_digest, key_of, open_images, record, say, shard_label
+from twopass.pipeline.runfolder import Log, Planned, checkpoint_hash, computed, data_hash, images_digest, key_of, open_images, say, shard_label
 
 from .api import SEGMENTER, segment_images
 
@@ -50,9 +50,6 @@ def segment_shard(run_dir, spec: SegmenterSpec, checkpoint: str | Path, detectio
         loaded, open_images(data), detections, views_of(loaded.meta.path, spec.tta.scales, spec.tta.flip), spec,
         name=spec.name, device=device, image_ids=ids, out=plan.out, extra={"image_ids": list(map(int, ids)), "key": plan.key},
     )  # fmt: skip
-    seconds = time.perf_counter() - t0
-    record(run_dir, stage="segment", name=spec.name, key=plan.key, output=str(plan.out), images=len(ids), rows=instances.num_rows,
-           skipped=dict(report.skipped), seconds=round(seconds, 3))  # fmt: skip
-    skipped = sum(report.skipped.values())
-    say(log, f"segment {shard_label(ids)}: {instances.num_rows} masks in {seconds:.1f} s" + (f", skipped {dict(report.skipped)}" if skipped else ""))
-    return str(plan.out)
+    skipped = f", skipped {dict(report.skipped)}" if sum(report.skipped.values()) else ""
+    return computed(run_dir, plan, t0, log, f"segment {shard_label(ids)}: {instances.num_rows} masks{skipped}", stage="segment",
+                    name=spec.name, images=len(ids), rows=instances.num_rows, skipped=dict(report.skipped))  # fmt: skip

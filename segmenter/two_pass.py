@@ -23,7 +23,7 @@ from twopass.pipeline.coco import CocoIndex
 from twopass.pipeline.config import DataConfig, PipelineConfig, safe_name
 from twopass.pipeline.evaluate import evaluate
 from twopass.pipeline.fileio import write_json
-from twopass.pipeline.runfolder import Log, Planned, content_hash, data_hash, key_of, merge, open_images, publish, record, say, shards, write_coco_json
+from twopass.pipeline.runfolder import Log, Planned, computed, content_hash, data_hash, key_of, merge, open_images, publish, shards, write_coco_json
 from twopass.pipeline.settings import FuseSettings
 from twopass.pipeline.tables import read_results
 
@@ -92,10 +92,7 @@ def evaluate_stage(
     if instances:
         rows.append(_row("final masks", "segmenter on the fused boxes", instances, evaluate(gt, instances, iou_types=("bbox", "segm"))))
     write_json(plan.out, {"ann": str(data.ann), "images": len(image_set), "stages": rows}, indent=1)
-    seconds = time.perf_counter() - t0
-    record(run_dir, stage="evaluate", name="metrics", key=plan.key, output=str(plan.out), seconds=round(seconds, 3))
-    say(log, f"evaluated {len(rows)} stages in {seconds:.1f} s")
-    return str(plan.out)
+    return computed(run_dir, plan, t0, log, f"evaluated {len(rows)} stages", stage="evaluate", name="metrics")
 
 
 # --------------------------------------------------------------------------- the plain loop
