@@ -12,18 +12,20 @@ from typing import Any, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from twopass.pipeline.categories import Categories
+from twopass.pipeline.categories import Categories, CategoryMap
 from twopass.pipeline.settings import FUSE, FuseSettings
 from twopass.pipeline.tables import TableMeta, read_results, write_table
 
 from .table_fusion import fuse
 
 
-def read_inputs(inputs: Sequence[str | Path | pa.Table], categories: Categories | None = None,
-                source: str = "") -> tuple[list[pa.Table], Categories | None]:  # fmt: skip
+def read_inputs(inputs: Sequence[str | Path | pa.Table], categories: Categories | None = None, source: str = "",
+                category_map: str | Path | None = None) -> tuple[list[pa.Table], Categories | None]:  # fmt: skip
     """Tables of all inputs (files, or tables as they are) and their category list; Parquet
     category lists must agree (with `categories`, from `source`, when given). COCO results JSON
-    files record no categories: their ids are checked against the list."""
+    files record no categories: their ids are checked against the list. `category_map`: a map
+    file (`CategoryMap.load`) for the COCO results JSON inputs, whose `category_id`s are another
+    tool's class indices; Parquet files and tables hold category ids already."""
     tables: list[Any] = [t if isinstance(t, pa.Table) else None for t in inputs]
     paths = [None if isinstance(p, pa.Table) else Path(p) for p in inputs]
     first = source if categories is not None else None
@@ -34,9 +36,16 @@ def read_inputs(inputs: Sequence[str | Path | pa.Table], categories: Categories 
                 categories, first = meta.categories, path
             elif meta.categories is not None:
                 categories.check_same(meta.categories, f"{path} (against {first})")
+    cmap = None
+    if category_map is not None:
+        if all(t is not None for t in tables):
+            first_input = next((str(p) for p in paths if p is not None), "tables[0]")
+            raise ValueError(f"{first_input}: holds the dataset's category ids already; --category-map {category_map} "
+                             "is for other tools' COCO results JSON, and no input is one")
+        cmap = CategoryMap.load(category_map, categories)
     for i, path in enumerate(paths):
         if tables[i] is None:
-            tables[i], _ = read_results(path, categories)
+            tables[i], _ = read_results(path, categories, cmap)
         elif path is not None and categories is not None and tables[i].num_rows:
             categories.to_labels(tables[i].column("category_id").to_numpy(), source=str(path))
     return tables, categories
@@ -55,14 +64,16 @@ def fuse_files(
     out: str | Path | None = None,
     extra: dict[str, Any] | None = None,
     categories: Categories | None = None,
+    category_map: str | Path | None = None,
 ) -> tuple[pa.Table, TableMeta]:
     """Fuse the rows of every input (a file or a table; of `image_ids` only, when given) per image and
     category: one fusion member per (file, source). `image_sizes` ({id: (h, w)} or an images
     table) normalise and clip the boxes; without them each image's box extent stands in.
     `weights`: one per input file (its sources share it); None: 1.0 each. `categories`: the
-    dataset's list, which every input must use (`dataset` names it). Written to `out` when
-    given; returns (fused detections, meta)."""
-    tables, categories = read_inputs(inputs, categories, dataset or "")
+    dataset's list, which every input must use (`dataset` names it). `category_map`: a map file
+    from another tool's class indices to category ids, for the COCO results JSON inputs
+    (`read_inputs`). Written to `out` when given; returns (fused detections, meta)."""
+    tables, categories = read_inputs(inputs, categories, dataset or "", category_map)
     if image_ids is not None:
         wanted = pa.array(list(map(int, image_ids)), pa.int64())
         tables = [t.filter(pc.is_in(t.column("image_id"), value_set=wanted)) for t in tables]
@@ -78,7 +89,8 @@ def fuse_files(
         kind="detections",
         producer=producer,
         categories=categories,
-        config=dict(kwargs, weights=None if weights is None else list(map(float, weights)), inputs=names),
+        config=dict(kwargs, weights=None if weights is None else list(map(float, weights)), inputs=names,
+                    **({} if category_map is None else {"category_map": str(category_map)})),
         dataset=dataset,
         extra={"boxes_in": sum(t.num_rows for t in tables), **(extra or {})},
     )

@@ -61,13 +61,17 @@ def register(app: typer.Typer) -> None:
         ] = None,
         max_per_image: Annotated[int, typer.Option(help=help_of(FuseSettings, "max_per_image"))] = FUSE.max_per_image,
         source: Annotated[Optional[str], typer.Option(help="`source` of the output rows (default: method:a+b+...).")] = None,
+        category_map: Annotated[
+            Optional[Path], typer.Option(help="JSON or YAML map from another tool's class indices to category ids (or names), "
+                                              "for the COCO results JSON inputs; see the README.")
+        ] = None,
     ) -> None:
         """Fuse detections of several models and test-time views: WBF, Soft-NMS or NMS per image and category."""
         # Not validated here: `ensemble.fuse` checks every value and names it.
         settings = FuseSettings.model_construct(method=method, iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type,
                                                 sigma=sigma, decay=decay, thresh=thresh, rescore=rescore, max_per_image=max_per_image)  # fmt: skip
         try:
-            _fuse(inputs, out, weights, images, source, settings)
+            _fuse(inputs, out, weights, images, source, settings, category_map)
         except (ValueError, OSError) as e:
             from twopass.pipeline.cli import error_line
 
@@ -75,16 +79,17 @@ def register(app: typer.Typer) -> None:
             raise typer.Exit(2) from None
 
 
-def _fuse(inputs: list[Path], out: Path, weights: str | None, images: Path | None, source: str | None, settings: FuseSettings) -> None:
+def _fuse(inputs: list[Path], out: Path, weights: str | None, images: Path | None, source: str | None, settings: FuseSettings,
+          category_map: Path | None) -> None:  # fmt: skip
     from twopass.pipeline.fileio import check_outputs
 
     from .api import fuse_files
 
-    check_outputs({"--out": out}, {**{f"#{i + 1}": p for i, p in enumerate(inputs)}, "--images": images})
+    check_outputs({"--out": out}, {**{f"#{i + 1}": p for i, p in enumerate(inputs)}, "--images": images, "--category-map": category_map})
     # --images as COCO annotations: every input's images and categories are checked against it
     sizes, categories = _read_images(images) if images is not None else (None, None)
     fused, meta = fuse_files(inputs, settings, weights=_parse_weights(weights), source=source, producer="twopass fuse", out=out,
-                             image_sizes=sizes, categories=categories, dataset=None if images is None else str(images),
+                             image_sizes=sizes, categories=categories, dataset=None if images is None else str(images), category_map=category_map,
                              extra={"images": None if images is None else str(images)})  # fmt: skip
     n_images = len(set(fused.column("image_id").to_pylist()))
     typer.echo(f"wrote {out}: {fused.num_rows} boxes in {n_images} images, fused from {meta.extra['boxes_in']} boxes in {len(inputs)} files")

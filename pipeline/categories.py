@@ -1,15 +1,19 @@
 """The one place where COCO category ids meet contiguous training labels.
 
 Models predict contiguous labels 1..K (0 is background, as in torchvision's detection
-models); every file this project writes carries the dataset's COCO `category_id`.
+models); every file this project writes carries the dataset's COCO `category_id`. Other
+tools' class indices become those ids through a `CategoryMap`.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 import numpy as np
+import yaml
 
 
 @dataclass(frozen=True)
@@ -81,3 +85,78 @@ class Categories:
         if renamed := [f"{i}: {mine[i]!r} vs {theirs[i]!r}" for i in mine if i in theirs and mine[i] != theirs[i]]:
             parts.append("renamed " + ", ".join(renamed))
         raise ValueError(f"{what}: category list does not match the expected one ({'; '.join(parts)})")
+
+
+@dataclass(frozen=True)
+class CategoryMap:
+    """Another tool's class indices -> this dataset's COCO category ids (`--category-map FILE`).
+
+    Detectors such as Ultralytics, Detectron2 and MMDetection can write class indices in the
+    `category_id` of their COCO results JSON; the map turns them into the dataset's ids.
+    """
+
+    ids: dict[int, int]
+    source: str
+
+    @classmethod
+    def load(cls, path: str | Path, categories: Categories | None = None) -> "CategoryMap":
+        """Read a JSON or YAML mapping {class index: category id or category name}. Names, and
+        ids when `categories` is given, are checked against the dataset's categories."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        is_json = path.suffix.lower() == ".json"
+        try:
+            data = json.loads(path.read_text()) if is_json else yaml.safe_load(path.read_text())
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            # one line: YAML's messages span several
+            raise ValueError(f"{path}: not valid {'JSON' if is_json else 'YAML'} ({' '.join(str(e).split())})") from None
+        return cls.from_mapping(data, str(path), categories)
+
+    @classmethod
+    def from_mapping(cls, data: Any, source: str, categories: Categories | None = None) -> "CategoryMap":
+        """`load` on parsed data; `source` names it in messages."""
+        if not isinstance(data, dict) or not data:
+            got = "an empty mapping" if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"{source}: a category map holds a mapping {{class index: category id or name}}, got {got}")
+        ids: dict[int, int] = {}
+        for key, value in data.items():
+            # JSON keys are always strings, YAML keys may be ints; neither bools nor negatives pass
+            if not str(key).strip().isdecimal():
+                raise ValueError(f"{source}: key {key!r} is not a class index (0, 1, ...); category names go on the right")
+            index, where = int(key), f"{source}: class index {key}"
+            if index in ids:
+                raise ValueError(f"{source}: class index {index} appears twice")
+            if isinstance(value, str):
+                if categories is None:
+                    raise ValueError(f"{where}: {value!r} is a category name, and names need the dataset's category list "
+                                     "(twopass fuse: --images with COCO annotations)")
+                if categories.names.count(value) != 1:
+                    raise ValueError(f"{where}: {'no' if value not in categories.names else 'more than one'} category named "
+                                     f"{value!r}; known names are {list(categories.names)}")
+                value = categories.ids[categories.names.index(value)]
+            elif _index(value) is None:
+                raise ValueError(f"{where}: {value!r} is neither a category id nor a category name")
+            elif categories is not None and value not in categories.ids:
+                raise ValueError(f"{where}: {value} is not a category id of the dataset; known ids are {list(categories.ids)}")
+            ids[index] = value
+        return cls(ids, source)
+
+    def _keys_text(self) -> str:
+        keys = sorted(self.ids)
+        return f"{keys[0]}..{keys[-1]}" if keys == list(range(keys[0], keys[-1] + 1)) else str(keys)
+
+    def apply(self, values: Sequence[Any], what: str, image_ids: Sequence[Any]) -> list[int]:
+        """The category ids of the class indices `values` (the `category_id`s of the results
+        file `what`, one per entry). The first value with no entry raises, naming entry and image."""
+        bad = [i for i, v in enumerate(values) if _index(v) not in self.ids]
+        if bad:
+            i = bad[0]
+            raise ValueError(f"{what}: entry {i} (image_id {image_ids[i]}): category_id {values[i]!r} is not in --category-map "
+                             f"{self.source} (keys {self._keys_text()}); {len(bad)} such entries")
+        return [self.ids[v] for v in values]
+
+
+def _index(value: Any) -> int | None:
+    """`value` if it is an int (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

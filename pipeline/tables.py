@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .categories import Categories
+from .categories import Categories, CategoryMap
 from .fileio import atomic_path, read_json, stable_hash
 
 Kind = Literal["detections", "instances", "images"]
@@ -265,10 +265,11 @@ def to_coco_results(table: pa.Table) -> list[dict]:
     return out
 
 
-def from_coco_results(results: list[dict], source: str, what: str = "results") -> pa.Table:
+def from_coco_results(results: list[dict], source: str, what: str = "results", category_map: CategoryMap | None = None) -> pa.Table:
     """COCO results list -> detections table, or instances table if every entry has a segmentation.
 
     XYWH is converted in float64 from float32 inputs, so Parquet -> JSON -> Parquet is exact.
+    `category_map`: the entries' `category_id`s are another tool's class indices, mapped through it.
     """
     from pycocotools import mask as mask_utils
 
@@ -297,9 +298,13 @@ def from_coco_results(results: list[dict], source: str, what: str = "results") -
             raise ValueError(f"{what}: entry {i} (image_id {r['image_id']}): bbox must have 4 numbers, got {bbox}")
         x, y, w, h = (float(v) for v in bbox)
         boxes[i] = (x, y, x + w, y + h)
+    image_ids = [r["image_id"] for r in results]
+    category_ids = [r["category_id"] for r in results]
+    if category_map is not None:
+        category_ids = category_map.apply(category_ids, what, image_ids)
     table = detections_table(
-        [r["image_id"] for r in results],
-        [r["category_id"] for r in results],
+        image_ids,
+        category_ids,
         [r["score"] for r in results],
         boxes,
         [str(r.get("source", source)) for r in results],
@@ -311,15 +316,20 @@ def from_coco_results(results: list[dict], source: str, what: str = "results") -
     return table
 
 
-def read_results(path: str | Path, categories: Categories | None = None) -> tuple[pa.Table, TableMeta]:
-    """Read detections or instances from a twopass Parquet file or a COCO results JSON."""
+def read_results(path: str | Path, categories: Categories | None = None,
+                 category_map: CategoryMap | None = None) -> tuple[pa.Table, TableMeta]:  # fmt: skip
+    """Read detections or instances from a twopass Parquet file or a COCO results JSON (whose
+    class indices `category_map` maps to category ids, when given)."""
     path = Path(path)
     if path.suffix.lower() == ".json":
-        table = from_coco_results(read_json(path), source=path.stem, what=str(path))
+        table = from_coco_results(read_json(path), source=path.stem, what=str(path), category_map=category_map)
         kind: Kind = "instances" if "mask_counts" in table.column_names else "detections"
         if categories is not None and table.num_rows:
             categories.to_labels(table.column("category_id").to_numpy(), source=str(path))
         return table, TableMeta(kind=kind, producer=f"coco-json:{path.name}", categories=categories)
+    if category_map is not None:
+        raise ValueError(f"{path}: a twopass Parquet file holds the dataset's category ids already; "
+                         f"--category-map {category_map.source} is for other tools' COCO results JSON")
     meta = read_meta(path)
     kind = "instances" if meta.kind == "instances" else "detections"
     return read_table(path, kind, categories)

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 
 from twopass.detector.api import LoadedModel, ModelKind, check_categories
 from twopass.detector.infer import View
+from twopass.pipeline.categories import CategoryMap
 from twopass.pipeline.coco import ImageSet
 from twopass.pipeline.settings import SEGMENT, SegmentSettings
 from twopass.pipeline.tables import TableMeta, check_values, read_results, write_table
@@ -38,19 +39,25 @@ def segment_images(
     out: str | Path | None = None,
     extra: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    category_map: str | Path | None = None,
 ) -> tuple[pa.Table, TableMeta, SegmentReport]:
     """Pass two: the segmenter's mask head (with mask TTA over `views`) on each row of
     `detections` (a table, or a detections or instances Parquet, or COCO results JSON; rows of `image_ids`
-    only when given). Scores and boxes are kept; masks are pasted in original pixels. Written
-    to `out` when given; returns (instances, meta, report of skipped rows)."""
+    only when given). Scores and boxes are kept; masks are pasted in original pixels.
+    `category_map`: a map file (`CategoryMap.load`) from another tool's class indices, which the
+    COCO results JSON `detections` holds, to category ids. Written to `out` when given; returns
+    (instances, meta, report of skipped rows)."""
     check_categories(loaded, image_set)
     name = name or loaded.name
     # Unknown categories of a COCO results JSON are left to `segment`, which names the row or
     # skips it (settings.skip_invalid); a Parquet file's category list must be the model's.
     if isinstance(detections, pa.Table):
+        if category_map is not None:
+            raise ValueError(f"detections table: holds category ids already; --category-map {category_map} is for COCO results JSON")
         table, what = detections, "detections table"
     else:
-        table, det_meta = read_results(detections)
+        cmap = None if category_map is None else CategoryMap.load(category_map, loaded.meta.categories)
+        table, det_meta = read_results(detections, category_map=cmap)
         what = str(detections)
         if det_meta.categories is not None:
             loaded.meta.categories.check_same(det_meta.categories, f"{detections} against checkpoint {loaded.meta.path}")
@@ -71,6 +78,7 @@ def segment_images(
         extra={
             "checkpoint": str(loaded.meta.path),
             "detections": what,
+            "category_map": None if category_map is None else str(category_map),
             "views": [v.source(name) for v in views],
             "mask_thresh": settings.mask_thresh,
             "skipped": dict(report.skipped),

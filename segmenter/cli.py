@@ -26,6 +26,8 @@ def segment(
     images: Annotated[Path, typer.Option(help="Image folder.")],
     out: Annotated[Path, typer.Option(help="Instances Parquet to write.")],
     ann: Annotated[Optional[Path], typer.Option(help="COCO annotations naming the images (ids, sizes); else every image in the folder, ids by sorted name.")] = None,
+    category_map: Annotated[Optional[Path], typer.Option(help="JSON or YAML map from another tool's class indices to category ids (or names), "
+                                                              "for COCO results JSON detections; see the README.")] = None,
     coco_json: Annotated[Optional[Path], typer.Option(help="Also write the instances as a COCO results JSON.")] = None,
     tta_scales: Annotated[Optional[str], typer.Option(help="Comma-separated shorter sides (default: the config's test size).")] = None,
     tta_flip: Annotated[bool, typer.Option(help="Add a mirrored view of every scale.")] = False,
@@ -47,14 +49,15 @@ def segment(
     settings = validate_mapping(SegmentSettings, dict(mask_thresh=mask_thresh, skip_invalid=skip_invalid), "twopass segment",
                                 ValueError, "setting")  # fmt: skip
     scales = parse_scales(tta_scales)
-    check_outputs({"--out": out, "--coco-json": coco_json}, {"--detections": detections, "--ann": ann, "--checkpoint": checkpoint})
+    check_outputs({"--out": out, "--coco-json": coco_json}, {"--detections": detections, "--ann": ann, "--checkpoint": checkpoint,
+                                                               "--category-map": category_map})
     loaded = load_for_inference(SEGMENTER, checkpoint, device, fast)
     image_set = ImageSet.open(images, ann=ann)
     views = views_of(loaded.meta.path, scales, tta_flip)
     with progress_bar() as bar:
         task = bar.add_task("segment", total=None)
         instances, _, report = segment_images(loaded, image_set, detections, views, settings, device=device, out=out,
-                                              progress=lambda k: bar.update(task, completed=k))  # fmt: skip
+                                              category_map=category_map, progress=lambda k: bar.update(task, completed=k))  # fmt: skip
     if coco_json is not None:
         write_json(coco_json, to_coco_results(instances))
     skipped = sum(report.skipped.values())
