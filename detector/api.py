@@ -59,6 +59,18 @@ class ModelKind:
 DETECTOR = ModelKind("detector", load_config, config_from_dict, build_detector)
 
 
+def kind_of(name: str) -> ModelKind:
+    """The ModelKind called `name` (a checkpoint's `kind`). The segmenter's record lives in
+    `segmenter.api`, which builds on this module, hence the import here."""
+    if name == DETECTOR.name:
+        return DETECTOR
+    from twopass.segmenter.api import SEGMENTER
+
+    if name == SEGMENTER.name:
+        return SEGMENTER
+    raise ValueError(f"unknown model kind {name!r}; expected detector or segmenter")
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -172,6 +184,11 @@ def load_for_inference(kind: ModelKind, checkpoint: str | Path, device: str = "c
 def clear_cache() -> None:
     with _CACHE_LOCK:
         _CACHE.clear()
+
+
+def load_any(checkpoint: str | Path, device: str = "cpu", fast: bool = True) -> LoadedModel:
+    """`load_for_inference` of a detector or a segmenter (a full Mask R-CNN), by the checkpoint's kind."""
+    return load_for_inference(kind_of(str(read_json(resolve(checkpoint)).get("kind"))), checkpoint, device, fast)
 
 
 def views_of(checkpoint: str | Path, scales: Sequence[int] | None, flip: bool) -> list[View]:

@@ -125,10 +125,12 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
 
 
 def head_norm(config: ModelConfig) -> Callable[[int], nn.Module] | None:
-    """Norm layer factory for FPN and head convs: GroupNorm, or None (conv bias instead)."""
+    """Norm layer factory for FPN and head convs: GroupNorm, BatchNorm, or None (conv bias instead)."""
     if config.norm.heads == "gn":
         groups = config.norm.gn_groups
         return lambda ch: nn.GroupNorm(min(groups, ch), ch)
+    if config.norm.heads == "bn":
+        return nn.BatchNorm2d
     return None
 
 

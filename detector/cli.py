@@ -92,29 +92,48 @@ def detect(
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     name: Annotated[Optional[str], typer.Option(help="Model name in the source column (default: the config's name).")] = None,
     fast: Annotated[bool, typer.Option(help="Fold frozen BatchNorm into convolutions, channels-last on CPU.")] = True,
+    with_masks: Annotated[bool, typer.Option(help="A segmenter checkpoint only: write its end-to-end instances (boxes and masks).")] = False,
 ) -> None:
-    """Run a trained detector over images with test-time augmentation; write a detections table."""
+    """Run a trained detector, or a segmenter end to end, over images with test-time augmentation;
+    write a detections (or, --with-masks, instances) table."""
     from twopass.pipeline.cli import progress_bar
     from twopass.pipeline.coco import ImageSet
     from twopass.pipeline.config import validate_mapping
     from twopass.pipeline.fileio import check_outputs
 
-    from .api import DETECTOR, detect_images, load_for_inference, views_of
+    from .api import detect_images, load_any, views_of
 
     settings = validate_mapping(DetectSettings, dict(score_thresh=score_thresh, max_per_image=max_per_image, batch=batch),
                                 "twopass detect", ValueError, "setting")  # fmt: skip
     scales = parse_scales(tta_scales)
     check_outputs({"--out": out}, {"--ann": ann, "--checkpoint": checkpoint})
-    loaded = load_for_inference(DETECTOR, checkpoint, device, fast)
+    loaded = load_any(checkpoint, device, fast)
+    if with_masks and loaded.meta.kind != "segmenter":
+        raise ValueError(f"--with-masks: {loaded.meta.path} is a {loaded.meta.kind!r} checkpoint, which has no mask head")
     image_set = ImageSet.open(images, ann=ann)
     views = views_of(loaded.meta.path, scales, tta_flip)
     with progress_bar() as bar:
         task = bar.add_task("detect", total=len(image_set))
-        table, meta = detect_images(loaded, image_set, views, settings, name=name, device=device, out=out,
+        table, meta = detect_images(loaded, image_set, views, settings, name=name, device=device, out=out, with_masks=with_masks,
                                     progress=lambda k: bar.update(task, completed=k))  # fmt: skip
-    typer.echo(f"wrote {out}: {table.num_rows} detections, {len(image_set)} images, views {', '.join(meta.extra['views'])}")
+    typer.echo(f"wrote {out}: {table.num_rows} {meta.kind}, {len(image_set)} images, views {', '.join(meta.extra['views'])}")
+
+
+def import_torchvision(
+    arch: Annotated[str, typer.Option(help="fasterrcnn_resnet50_fpn | fasterrcnn_resnet50_fpn_v2 | maskrcnn_resnet50_fpn | maskrcnn_resnet50_fpn_v2")],
+    weights: Annotated[Path, typer.Option(help="torchvision state dict (.pth, read with weights_only=True; or .safetensors).")],
+    out: Annotated[Path, typer.Option(help="Run folder to write (checkpoints/, config.yaml).")],
+    categories: Annotated[str, typer.Option(help="coco (the 80 COCO categories, label == COCO id), or a JSON list of {id, name[, label]} (label defaults to id).")] = "coco",
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in the run folder.")] = False,
+) -> None:
+    """Import a torchvision Faster / Mask R-CNN as a detector / segmenter run folder (nothing is downloaded)."""
+    from .importer import import_torchvision as run_import
+
+    path = run_import(arch, weights, out, categories, overwrite=overwrite)
+    typer.echo(f"imported {arch} -> {path}")
 
 
 def register(app: typer.Typer) -> None:
     app.command("train-detector")(train_detector)
     app.command("detect")(detect)
+    app.command("import-torchvision")(import_torchvision)

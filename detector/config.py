@@ -54,8 +54,9 @@ class NormConfig(_Strict):
     # bn: trained BatchNorm, per process. sync_bn: BatchNorm synchronised across DDP processes
     # (plain `bn` when training in one process).
     backbone: Literal["frozen_bn", "bn", "sync_bn"] = "frozen_bn"
-    # GroupNorm in the FPN convs and in the conv layers of the box and mask heads.
-    heads: Literal["none", "gn"] = "none"
+    # Norm in the FPN convs and in the conv layers of the box and mask heads: GroupNorm, or
+    # BatchNorm (trained; torchvision's *_v2 models use it in the FPN and the conv heads).
+    heads: Literal["none", "gn", "bn"] = "none"
     gn_groups: int = Field(32, ge=1)
 
 
@@ -104,12 +105,17 @@ class RoIPoolConfig(_Strict):
 
 
 class BoxHeadConfig(_Strict):
-    type: Literal["two_fc", "location_sensitive"] = "two_fc"
-    # RoIAlign output for two_fc; p (bins per side of the position-sensitive pooling) for LSD.
+    # two_fc: fc6, fc7 (Mask R-CNN). conv_fc: `num_convs` conv3x3 of `conv_dim` then one fc
+    # (torchvision's FastRCNNConvFCHead, the *_v2 models' 4conv1fc head; norm.heads applies).
+    # location_sensitive: the Location Sensitive Detector.
+    type: Literal["two_fc", "conv_fc", "location_sensitive"] = "two_fc"
+    # RoIAlign output for two_fc and conv_fc; p (bins per side of the position-sensitive pooling) for LSD.
     pool_size: int = Field(7, ge=1)
     sampling_ratio: int = Field(2, ge=0)
-    # Width of the fc layers: two_fc 1024, location_sensitive 2048 (Light-Head) when None.
+    # Width of the fc layers: two_fc and conv_fc 1024, location_sensitive 2048 (Light-Head) when None.
     fc_dim: PosInt | None = None
+    num_convs: PosInt = 4  # conv_fc only
+    conv_dim: PosInt = 256  # conv_fc only
     # Location Sensitive Detector: k x 1 / 1 x k separable conv of `kernel_size`, C_mid
     # `mid_channels`, to alpha * p * p channels.
     kernel_size: int = Field(15, ge=1)
@@ -149,6 +155,8 @@ class BoxHeadConfig(_Strict):
             raise ValueError(f"cascade_ious, cascade_weights and bbox_reg_weights need {n} entries")
         if any(len(w) != 4 for w in self.bbox_reg_weights):
             raise ValueError("bbox_reg_weights: each entry needs 4 numbers (wx, wy, ww, wh)")
+        if self.type == "conv_fc" and self.multi_scale_roi:
+            raise ValueError("multi_scale_roi: not available with box_head.type conv_fc")
         return self
 
 
@@ -233,7 +241,10 @@ class ModelConfig(_Strict):
             )
         gn = self.norm.gn_groups
         if self.norm.heads == "gn":
-            for what, ch in (("backbone.fpn_channels", self.backbone.fpn_channels), ("mask_head.conv_dim", self.mask_head.conv_dim)):
+            chans = [("backbone.fpn_channels", self.backbone.fpn_channels), ("mask_head.conv_dim", self.mask_head.conv_dim)]
+            if self.box_head.type == "conv_fc":
+                chans.append(("box_head.conv_dim", self.box_head.conv_dim))
+            for what, ch in chans:
                 if ch % gn:
                     raise ValueError(f"{what}={ch} is not divisible by norm.gn_groups={gn}")
         return self

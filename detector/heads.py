@@ -1,4 +1,4 @@
-"""RoI pooling over pyramid levels and the box heads (two_fc and Location Sensitive).
+"""RoI pooling over pyramid levels and the box heads (two_fc, conv_fc and Location Sensitive).
 
 Frames: features are FPN maps p{l} of stride 2**l over the padded input batch; proposals are
 list[Tensor[R_i, 4]] XYXY in input-batch pixels (after the model's resize). A box head maps
@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import ps_roi_align, roi_align
 from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format
 
@@ -191,6 +192,24 @@ class TwoFCHead(nn.Module):
         else:
             x = self.fc6(self.pooler(feats, proposals).flatten(1))
         return F.relu(self.fc7(F.relu(x)))
+
+
+class ConvFCHead(nn.Module):
+    """RoIAlign p x p from the FPN, then torchvision's FastRCNNConvFCHead (`num_convs` conv3x3
+    with an optional norm, one fc, ReLU): the box head of torchvision's *_v2 models, kept as
+    torchvision's module so their weights load under `layers.`. Output FloatTensor[R, fc_dim]."""
+
+    def __init__(
+        self, channels: int, levels: list[int], pool_size: int, sampling_ratio: int, num_convs: int, conv_dim: int,
+        fc_dim: int, norm: Callable | None = None, roi: RoIPoolConfig = RoIPoolConfig(),
+    ):  # fmt: skip
+        super().__init__()
+        self.feature_names = [f"p{l}" for l in levels]
+        self.pooler = LevelPooler(levels, pool_size, sampling_ratio, roi_align, roi)
+        self.layers = FastRCNNConvFCHead((channels, pool_size, pool_size), [conv_dim] * num_convs, [fc_dim], norm_layer=norm)
+
+    def forward(self, features: dict[str, Tensor], proposals: list[Tensor]) -> Tensor:
+        return self.layers(self.pooler([features[n] for n in self.feature_names], proposals))
 
 
 class LargeSeparableConv(nn.Module):

@@ -20,7 +20,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform, _re
 
 from .backbone import build_backbone, head_norm
 from .config import ModelConfig
-from .heads import BoxPredictor, LevelPooler, LocationSensitiveHead, TwoFCHead
+from .heads import BoxPredictor, ConvFCHead, LevelPooler, LocationSensitiveHead, TwoFCHead
 from .roi_heads import DetectorRoIHeads
 
 
@@ -115,6 +115,8 @@ def build_box_head(config: ModelConfig) -> nn.Module:
     ch = config.backbone.fpn_channels
     if b.type == "two_fc":
         return TwoFCHead(ch, config.roi_levels, b.pool_size, b.sampling_ratio, b.fc_width, b.multi_scale_roi, config.roi_pool)
+    if b.type == "conv_fc":
+        return ConvFCHead(ch, config.roi_levels, b.pool_size, b.sampling_ratio, b.num_convs, b.conv_dim, b.fc_width, head_norm(config), config.roi_pool)
     return LocationSensitiveHead(
         ch,
         config.roi_levels,
