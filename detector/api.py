@@ -25,7 +25,7 @@ from twopass.pipeline.fileio import OutputError, read_json, sweep_temp_files
 from twopass.pipeline.settings import DETECT, DetectSettings
 from twopass.pipeline.tables import TableMeta, write_table
 
-from .checkpoint import CheckpointMeta, last_meta, load_model, resolve
+from .checkpoint import CheckpointMeta, init_weights, last_meta, load_model, read_meta, resolve
 from .config import ConfigError, ModelConfig, config_from_dict, load_config
 from .infer import View, detect, make_validator, make_views
 from .model import build_detector
@@ -82,15 +82,20 @@ def train_model(
     options: TrainOptions,
     *,
     backbone_weights: str | Path | None = None,
+    init: str | Path | None = None,
     val_ann: str | Path | None = None,
     val_images: str | Path | None = None,
 ) -> TrainResult:
     """Build a `kind` model from `config` and train it on COCO data into `options.out`.
 
-    With `options.resume`, the run folder's last checkpoint (if any) is continued; its config
-    must be `config` (compared through the config class, so fields added since keep their
-    defaults), and `backbone_weights` are then not loaded (the checkpoint holds them).
+    `init`: another run (or checkpoint) to start from, e.g. an imported torchvision model
+    (`checkpoint.init_weights`: class slices move by category name). With `options.resume`, the
+    run folder's last checkpoint (if any) is continued; its config must be `config` (compared
+    through the config class, so fields added since keep their defaults), and neither
+    `backbone_weights` nor `init` is then loaded (the checkpoint holds the weights).
     """
+    if init is not None and backbone_weights is not None:
+        raise ValueError("--init and --backbone-weights: give one (the --init run holds a backbone)")
     if (val_ann is None) != (val_images is None):
         raise ValueError("--val-ann and --val-images go together")
     if options.device not in ("cpu", "cuda"):
@@ -101,9 +106,13 @@ def train_model(
     if meta is not None:
         if type(config).model_validate(meta.config).to_dict() != config.to_dict():
             raise ValueError(f"--resume: config {config.name} differs from the one in {meta.path}")
-        backbone_weights = None
+        backbone_weights = init = None
+    init_meta = read_meta(init) if init is not None else None  # read before any compute: a bad path fails here
     torch.manual_seed(config.train.seed if options.seed is None else options.seed)
     model = kind.build(config, dataset.categories.num_classes, backbone_weights)
+    if init_meta is not None:
+        for note in init_weights(model, init_meta, dataset.categories):
+            print(f"--init {init_meta.path}: {note}", flush=True)
     validate = None
     if val_ann is not None:
         validate = make_validator(val_ann, val_images, dataset.categories, batch=options.batch, device=options.device,

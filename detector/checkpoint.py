@@ -212,6 +212,57 @@ def load_weights(model: nn.Module, meta: CheckpointMeta) -> None:
     unwrap(model).load_state_dict(state, strict=True)
 
 
+def init_weights(model: nn.Module, meta: CheckpointMeta, categories: Categories) -> list[str]:
+    """Start `model` (built for `categories`) from another run's weights (`--init`): every tensor
+    is taken whole, except, where the two category lists differ, the final predictors' tensors
+    with one slice per class (classifier, class-specific boxes, masks): of those the background
+    slice and the slices of the categories both lists name alike are taken, and the others keep
+    their fresh initialisation. A tensor that does not fit otherwise is an error (the other
+    run's config is the architecture to fine-tune). Returns one line per tensor not taken whole."""
+    state = _load_tensors(meta.weights_path)
+    own = unwrap(model).state_dict()
+    if missing := sorted(set(own) - set(state)):
+        raise CheckpointError(f"--init {meta.path}: its weights lack {missing[:3]}{'...' if len(missing) > 3 else ''} "
+                              "(a different architecture; fine-tune with its config)")  # fmt: skip
+    theirs = meta.categories
+    k, k2 = categories.num_classes + 1, theirs.num_classes + 1
+    by_name = {n: i + 1 for i, n in enumerate(theirs.names)}
+    rows = [0] + [by_name.get(n, -1) for n in categories.names]  # their slice of each of our labels
+    shared = sum(r > 0 for r in rows)
+    notes, merged = [], {}
+    for key, mine in own.items():
+        t = state[key]
+        m = 0 if theirs == categories else _slices_per_class(key, mine, k)
+        fits = tuple(t.shape) == ((m * k2, *mine.shape[1:]) if m else tuple(mine.shape))
+        if not fits:
+            raise CheckpointError(f"--init {meta.path}: {key} has shape {tuple(t.shape)} there, {tuple(mine.shape)} here "
+                                  "(a different architecture; fine-tune with its config)")  # fmt: skip
+        if not m:
+            merged[key] = t
+            continue
+        new, old = mine.clone().view(k, m, *mine.shape[1:]), t.view(k2, m, *t.shape[1:])
+        for label, row in enumerate(rows):
+            if row >= 0:
+                new[label] = old[row]
+        merged[key] = new.view_as(mine)
+        notes.append(f"{key}: background and {shared} of {categories.num_classes} categories taken (same name), the others re-initialised")
+    if unused := sorted(set(state) - set(own)):
+        notes.append(f"not used: {len(unused)} tensors of {meta.weights_path.name} ({unused[0]}, ...)")
+    unwrap(model).load_state_dict(merged, strict=True)
+    return notes
+
+
+_PER_CLASS = ("cls_score", "bbox_pred", "mask_branch.predictor", "mask_fcn_logits")
+
+
+def _slices_per_class(key: str, t: torch.Tensor, k: int) -> int:
+    """m when tensor `key` of the RoI heads' final predictors holds m slices for each of k
+    classes (background included), else 0. A class-agnostic bbox_pred has 4 rows: not per class."""
+    if key.startswith("roi_heads.") and key.rsplit(".", 1)[0].endswith(_PER_CLASS) and t.shape[0] in (k, 4 * k):
+        return t.shape[0] // k
+    return 0
+
+
 def load_optimizer(optimizer: torch.optim.Optimizer, meta: CheckpointMeta) -> None:
     info = meta.extra.get("_optimizer")
     if info is None:

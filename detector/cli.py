@@ -31,7 +31,6 @@ def make_train_command(kind: str, load_kind: Callable[[], Any]) -> Callable[...,
     """
 
     def command(
-        config: Annotated[str, typer.Option(help="Model config YAML, or a name in configs/.")],
         train_ann: Annotated[Path, typer.Option(help="Training COCO annotations JSON.")],
         train_images: Annotated[Path, typer.Option(help="Training image folder.")],
         out: Annotated[Path, typer.Option(help="Run folder: checkpoints/, metrics.jsonl.")],
@@ -45,6 +44,8 @@ def make_train_command(kind: str, load_kind: Callable[[], Any]) -> Callable[...,
         checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N iterations (always at the end).")] = None,
         resume: Annotated[bool, typer.Option(help="Continue from the run folder's last checkpoint.")] = False,
         overwrite: Annotated[bool, typer.Option(help="Replace a run already in the run folder (its checkpoints and metrics).")] = False,
+        config: Annotated[Optional[str], typer.Option(help="Model config YAML, or a name in configs/ (default with --init: that run's config).")] = None,
+        init: Annotated[Optional[Path], typer.Option(help="Start from another run's weights (e.g. `twopass import-torchvision`); classes move by category name, new ones start fresh.")] = None,
         backbone_weights: Annotated[Optional[Path], typer.Option(help="Local torchvision classification state dict (.pth or .safetensors).")] = None,
         seed: Annotated[Optional[int], typer.Option(help="Seed (default: the config's).")] = None,
         workers: Annotated[Optional[int], typer.Option(help="Data loader worker processes.")] = None,
@@ -56,12 +57,16 @@ def make_train_command(kind: str, load_kind: Callable[[], Any]) -> Callable[...,
         from .api import train_model
         from .train import TrainOptions
 
+        from .checkpoint import read_meta
+
         model_kind = load_kind()
-        cfg = model_kind.config(config, "--config")
+        if config is None and init is None:
+            raise ValueError("--config: required (or --init RUN, to fine-tune with that run's config)")
+        cfg = model_kind.config(config, "--config") if config is not None else model_kind.config(read_meta(init).config, f"--init {init} (config)")
         options = TrainOptions(out=out, iters=iters, batch=batch, lr=lr, device=device, resume=resume, overwrite=overwrite,
                                checkpoint_every=checkpoint_every,
                                val_every=val_every, seed=seed, num_workers=workers, progress=progress, time_budget_s=time_budget)  # fmt: skip
-        result = train_model(model_kind, cfg, train_ann, train_images, options, backbone_weights=backbone_weights,
+        result = train_model(model_kind, cfg, train_ann, train_images, options, backbone_weights=backbone_weights, init=init,
                              val_ann=val_ann, val_images=val_images)  # fmt: skip
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(f"trained {cfg.name} to iteration {result.iteration}: {result.checkpoint}")
