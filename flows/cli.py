@@ -22,8 +22,8 @@ flow_app = typer.Typer(
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Pipeline config YAML (see pipeline/config.py).")]
 OutOpt = Annotated[Path, typer.Option(help="Run folder: every output, the ledger, Prefect's home and results.")]
-RunnerOpt = Annotated[str, typer.Option(help="threads | dask")]
-WorkersOpt = Annotated[Optional[int], typer.Option(help="Tasks at once (threads, or threads of the local Dask cluster). Default 1.")]
+RunnerOpt = Annotated[str, typer.Option(help="threads | processes | dask")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="Tasks at once (threads, processes, or workers of a local Dask cluster). Default 1.")]
 DaskOpt = Annotated[Optional[str], typer.Option(help="tcp://HOST:PORT of an existing Dask scheduler (--task-runner dask).")]
 
 
@@ -38,12 +38,14 @@ def _start(out: Path):
 
 
 def _run(out: Path, names: list[str], runner: tuple[str, int | None, str | None], *args: Any) -> Any:
-    """Run the flows `names` one after the other with the task runner (kind, workers, Dask
-    address) and `args`; the result of the last. A flow whose shards failed exits 1, naming them."""
+    """Run the flows `names` one after the other on the task runner (kind, workers, Dask
+    address) with `args`; the result of the last. A flow whose shards failed exits 1, naming them."""
     pf = _start(out)
+    kind, workers, address = runner
+    spec = pf.TaskRunnerSpec(kind=kind, workers=workers or 1, dask_address=address)
     try:
         for name in names:
-            result = pf.FLOWS[name].with_options(task_runner=pf.task_runner(*runner))(*args)
+            result = pf.FLOWS[name](*args, task_runner=spec)
     except pf.FlowFailed as e:
         _fail(e)
     return result

@@ -17,13 +17,15 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import twopass.flows  # noqa: F401  (Prefect defaults set before Prefect is imported)
 from prefect import flow, tags
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.context import FlowRunContext
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from twopass.detector.stage import resolve_model
 from twopass.flows import tasks  # absolute: Prefect loads this file by path (prefect.yaml entrypoints)
@@ -137,17 +139,72 @@ def _shard_name(k: int, n: int) -> str:
     return f"{k + 1}of{n}"
 
 
+# --------------------------------------------------------------------------- task runners
+
+
+class TaskRunnerSpec(BaseModel):
+    """How a flow run runs its shard tasks: a flow parameter, so a deployment run (the UI's
+    Quick Run and `-p task_runner=...`) and the CLI's --task-runner options choose it. Prefect
+    validates it before a deployment run is created."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["threads", "processes", "dask"] = Field(
+        "threads", description="threads: a pool in the flow's process; processes: a pool of processes; dask: a Dask cluster."
+    )
+    workers: int = Field(1, ge=1, description="Tasks at once: threads, processes, or single-threaded workers of a local Dask cluster.")
+    dask_address: str | None = Field(None, description="dask: tcp://HOST:PORT of an existing scheduler (its workers need PREFECT_API_URL).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TaskRunnerSpec":
+        if self.dask_address is not None:
+            if self.kind != "dask":
+                raise ValueError("dask_address needs kind 'dask'")
+            if not self.dask_address.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+                raise ValueError(f"dask_address: expected tcp://HOST:PORT, got {self.dask_address!r}")
+        return self
+
+    def build(self):
+        """A fresh Prefect task runner (one CPU model at a time uses every core: 1 worker by default)."""
+        if self.kind == "threads":
+            return ThreadPoolTaskRunner(max_workers=self.workers)
+        if self.kind == "processes":
+            return ProcessPoolTaskRunner(max_workers=self.workers)
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError:
+            raise ValueError("task runner dask needs prefect-dask: pip install 'twopass[dask]'") from None
+        if self.dask_address:
+            return DaskTaskRunner(address=self.dask_address)
+        # threads of this process: they share its (possibly embedded) Prefect server
+        return DaskTaskRunner(
+            cluster_class="distributed.LocalCluster",
+            cluster_kwargs={"n_workers": self.workers, "threads_per_worker": 1, "processes": False, "dashboard_address": None},
+        )
+
+
+@contextlib.contextmanager
+def tasks_on(spec: TaskRunnerSpec) -> Iterator[None]:
+    """Submit this flow run's tasks to `spec`'s task runner. A flow's own runner is fixed when
+    the flow is defined; a deployment can only pass parameters, so the runner the parameter
+    names is swapped into the flow run's context for the body of the flow."""
+    ctx = FlowRunContext.get()
+    with spec.build() as runner, ctx.model_copy(update={"task_runner": runner}):
+        yield
+
+
 # --------------------------------------------------------------------------- flows
 
 
-@flow(name="train", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def train_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, parallel: bool = False) -> dict[str, str]:
+@flow(name="train")
+def train_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, parallel: bool = False,
+               task_runner: TaskRunnerSpec = TaskRunnerSpec()) -> dict[str, str]:  # fmt: skip
     """Train the configured detectors and the segmenter (one task each) unless their config
     names a checkpoint; finished trainings are reused, killed ones resume. Returns
     {model name: checkpoint JSON}. `parallel`: submit all at once (no progress bars)."""
     config, run_dir = _prepare(config, run_dir)
     T = tasks.bound(run_dir)
-    with run_log(run_dir):
+    with run_log(run_dir), tasks_on(task_runner):
         log = get_run_logger()
         jobs = [("detector", d) for d in config.detectors] + [("segmenter", config.segmenter)]
         shards = Shards()
@@ -167,13 +224,14 @@ def train_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, par
         return out
 
 
-@flow(name="detect", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def detect_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, checkpoints: dict[str, str] | None = None) -> dict[str, str]:
+@flow(name="detect")
+def detect_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, checkpoints: dict[str, str] | None = None,
+                task_runner: TaskRunnerSpec = TaskRunnerSpec()) -> dict[str, str]:  # fmt: skip
     """Pass one without fusion: each detector (all its views) on each shard of images; returns
     {detector name: merged detections Parquet}."""
     config, run_dir = _prepare(config, run_dir)
     T = tasks.bound(run_dir)
-    with run_log(run_dir):
+    with run_log(run_dir), tasks_on(task_runner):
         ckpts = resolve_checkpoints(config, run_dir, checkpoints)
         submitted = Shards()
         parts = _submit_detect(T, config, run_dir, ckpts, shards(config.data), submitted)
@@ -205,8 +263,9 @@ def _merge_and_publish_detections(T, run_dir, parts: dict[str, list]) -> tuple[d
     return merged, published
 
 
-@flow(name="fuse", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def fuse_flow(config: PipelineConfig | str, detections: dict[str, str], run_dir: str = DEFAULT_RUN_DIR) -> str:
+@flow(name="fuse")
+def fuse_flow(config: PipelineConfig | str, detections: dict[str, str], run_dir: str = DEFAULT_RUN_DIR,
+              task_runner: TaskRunnerSpec = TaskRunnerSpec()) -> str:  # fmt: skip
     """Fuse the detections files of the detectors (names as in the config, for their weights),
     shard by shard; returns the merged fused Parquet."""
     config, run_dir = _prepare(config, run_dir)
@@ -215,7 +274,7 @@ def fuse_flow(config: PipelineConfig | str, detections: dict[str, str], run_dir:
     unknown = sorted(set(detections) - set(weights))
     if unknown:
         raise ValueError(f"fuse_flow: detections for {unknown}, which the config does not name (pass one: {sorted(weights)})")
-    with run_log(run_dir):
+    with run_log(run_dir), tasks_on(task_runner):
         submitted = Shards()
         shard_ids = shards(config.data)
         n = len(shard_ids)
@@ -230,8 +289,9 @@ def fuse_flow(config: PipelineConfig | str, detections: dict[str, str], run_dir:
         return merged
 
 
-@flow(name="segment", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def segment_flow(config: PipelineConfig | str, detections: str, run_dir: str = DEFAULT_RUN_DIR, checkpoint: str | None = None) -> str:
+@flow(name="segment")
+def segment_flow(config: PipelineConfig | str, detections: str, run_dir: str = DEFAULT_RUN_DIR, checkpoint: str | None = None,
+                 task_runner: TaskRunnerSpec = TaskRunnerSpec()) -> str:  # fmt: skip
     """Pass two alone: masks for the boxes of `detections` (a detections Parquet or COCO results
     JSON from any source), shard by shard; returns the merged instances Parquet. The rerun path
     when new detections arrive: only these shards' segmentation runs. Its outputs, evaluation
@@ -243,7 +303,7 @@ def segment_flow(config: PipelineConfig | str, detections: str, run_dir: str = D
     det = Path(detections)
     if not det.is_file():
         raise FileNotFoundError(f"segment_flow: detections {det}: no such file")
-    with run_log(run_dir):
+    with run_log(run_dir), tasks_on(task_runner):
         s = config.segmenter
         ckpt = checkpoint or str(resolve_model(run_dir, SEGMENTER, s, config.data, config.device))
         submitted = Shards()
@@ -263,7 +323,7 @@ def segment_flow(config: PipelineConfig | str, detections: str, run_dir: str = D
         return merged
 
 
-@flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=1))
+@flow(name="evaluate")
 def evaluate_flow(
     config: PipelineConfig | str,
     detections: dict[str, str],
@@ -271,12 +331,13 @@ def evaluate_flow(
     instances: str | None = None,
     run_dir: str = DEFAULT_RUN_DIR,
     ran: dict[str, int] | None = None,
+    task_runner: TaskRunnerSpec = TaskRunnerSpec(),
 ) -> dict[str, Any]:
     """AP of each stage (each detector, the fused boxes, the final masks): a Prefect table
     artifact, a markdown artifact with overlay pictures, and RUN/report.md with RUN/pictures/.
     Returns {"metrics": path or None, "report": path, "table": rows}."""
     config, run_dir = _prepare(config, run_dir)
-    with run_log(run_dir):
+    with run_log(run_dir), tasks_on(task_runner):
         return _evaluate_and_report(tasks.bound(run_dir), config, run_dir, detections, fused, instances, ran)
 
 
@@ -311,15 +372,16 @@ def _evaluate_and_report(T, config: PipelineConfig, run_dir: str, detections: di
     return {"metrics": metrics_path, "report": str(path), "table": rows}
 
 
-@flow(name="two-pass", task_runner=ThreadPoolTaskRunner(max_workers=1))
-def two_pass_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, checkpoints: dict[str, str] | None = None) -> dict[str, Any]:
+@flow(name="two-pass")
+def two_pass_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, checkpoints: dict[str, str] | None = None,
+                  task_runner: TaskRunnerSpec = TaskRunnerSpec()) -> dict[str, Any]:  # fmt: skip
     """Pass one (every detector and view on every shard, fused per shard), pass two (the
     segmenter on each shard's fused boxes), then evaluation and the report. Returns the output
     paths and the AP table."""
     t0 = time.time()
     config, run_dir = _prepare(config, run_dir)
     T = tasks.bound(run_dir)
-    with run_log(run_dir):
+    with run_log(run_dir), tasks_on(task_runner):
         log = get_run_logger()
         ckpts = resolve_checkpoints(config, run_dir, checkpoints)
         shard_ids = shards(config.data)
@@ -374,34 +436,6 @@ def reach_api() -> None:
 
     with get_client(sync_client=True) as client:
         client.api_healthcheck()
-
-
-# --------------------------------------------------------------------------- task runners
-
-
-def task_runner(kind: str = "threads", workers: int | None = None, dask_address: str | None = None):
-    """`threads`: a thread pool of `workers` (default 1: on a CPU box one model at a time uses
-    every core). `dask`: prefect-dask on the cluster at `dask_address` (every worker needs
-    `PREFECT_API_URL` of a real server), or a local cluster (threads in this process, so they
-    share the embedded server)."""
-    if kind == "threads":
-        if dask_address:
-            raise ValueError("--dask-address needs --task-runner dask")
-        return ThreadPoolTaskRunner(max_workers=workers or 1)
-    if kind != "dask":
-        raise ValueError(f"--task-runner must be 'threads' or 'dask', got {kind!r}")
-    try:
-        from prefect_dask import DaskTaskRunner
-    except ImportError:
-        raise ValueError("--task-runner dask needs prefect-dask: pip install 'twopass[dask]'") from None
-    if dask_address:
-        if not dask_address.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
-            raise ValueError(f"--dask-address: expected tcp://HOST:PORT, got {dask_address!r}")
-        return DaskTaskRunner(address=dask_address)
-    return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
-        cluster_kwargs={"n_workers": 1, "threads_per_worker": workers or 1, "processes": False, "dashboard_address": None},
-    )
 
 
 FLOWS = {

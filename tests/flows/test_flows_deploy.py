@@ -1,17 +1,19 @@
 """Deployments (prefect.yaml) on a real server: `prefect server start` on 127.0.0.1, a process
-work pool, `prefect deploy --all`, a worker, then `segment_flow` run by its deployment to
-completion. Every process the test starts is stopped (by process group) at the end."""
+work pool, `prefect deploy --all`, a worker, then `segment_flow` and `two_pass_flow` (on 2
+threads: shards overlap) run by their deployments to completion. Every process the test starts is stopped (by process group) at the end."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -94,7 +96,7 @@ def test_segment_flow_runs_by_deployment(config, counts, ckpts, synth_small, tmp
         assert r.returncode == 0, r.stdout + r.stderr
         r = cli("--no-prompt", "deploy", "--all", cwd=REPO, env=dict(env, PWD=str(REPO)))
         assert r.returncode == 0, r.stdout + r.stderr
-        for name in ("train/train", "two-pass/two-pass", "segment/segment"):
+        for name in ("train/train", "two-pass/two-pass", "segment/segment", "two-pass/two-pass-dask"):
             assert name in r.stdout, r.stdout
         start(["worker", "start", "--pool", "twopass"], "worker", env=dict(env, PREFECT_WORKER_QUERY_SECONDS="2"))
         params = json.dumps({"config": str(cfg_path), "detections": str(det), "run_dir": str(run)})
@@ -102,11 +104,32 @@ def test_segment_flow_runs_by_deployment(config, counts, ckpts, synth_small, tmp
         assert r.returncode == 0 and "Completed" in r.stdout, r.stdout + r.stderr + (logs / "worker.log").read_text()[-3000:]
         assert len(list(run.glob("segment-*/outputs/instances.parquet"))) == 1  # pass two alone: its own subfolder
         assert counts(run) == {"segment": 3, "merge": 1}
+        # Every deployment has defaults (a Quick Run needs them), its run folder absolute.
+        for name in ("train/train", "two-pass/two-pass", "segment/segment", "two-pass/two-pass-dask"):
+            r = cli("deployment", "inspect", name)
+            assert r.returncode == 0 and f"'run_dir': '{REPO / 'runs' / 'smoke'}'" in r.stdout, r.stdout
+        # The task runner is a parameter: with 2 threads, two shards run at once.
+        tp = json.dumps({"config": str(cfg_path), "run_dir": str(tmp_path / "tp"), "task_runner": {"kind": "threads", "workers": 2}})
+        r = cli("deployment", "run", "two-pass/two-pass", "--params", tp, "--watch")
+        assert r.returncode == 0 and "Completed" in r.stdout, r.stdout + r.stderr + (logs / "worker.log").read_text()[-3000:]
+        flow_run = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout).group(1)
+        query = json.dumps({"flow_runs": {"id": {"any_": [flow_run]}}}).encode()
+        req = urllib.request.Request(f"{api}/task_runs/filter", data=query, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as resp:
+            task_runs = json.load(resp)
+        spans = sorted((datetime.fromisoformat(t["start_time"]), datetime.fromisoformat(t["end_time"]))
+                       for t in task_runs if "detect" in t["tags"] and t["start_time"])  # fmt: skip
+        assert len(spans) == 6  # 2 detectors x 3 shards
+        assert any(b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1 :]), spans
         # A bad parameter is refused before any run is created.
         bad = json.loads(params)
         bad["config"] = {"data": {"images": "x"}}
         r = cli("deployment", "run", "segment/segment", "--params", json.dumps(bad))
         assert r.returncode != 0 and "Validation failed for field 'config'" in (r.stdout + r.stderr)
+        bad = json.loads(tp)
+        bad["task_runner"] = {"kind": "gpu"}
+        r = cli("deployment", "run", "two-pass/two-pass", "--params", json.dumps(bad))
+        assert r.returncode != 0 and "Validation failed for field 'task_runner" in (r.stdout + r.stderr), r.stdout + r.stderr
     finally:
         for p in reversed(started):
             _stop(p)

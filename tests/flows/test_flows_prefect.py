@@ -175,15 +175,29 @@ def test_train_flow_trains_once_then_two_pass_finds_the_models(config, counts, l
     assert counts(run, since=n) == {"detect": 1, "fuse": 1, "segment": 1, "merge": 3}
 
 
-def test_dask_task_runner_gives_the_same_files(config, counts, harness, synth_small, ckpts, tmp_path):
-    pytest.importorskip("prefect_dask")
-    from twopass.flows.prefect_flows import detect_flow, task_runner
+@pytest.mark.parametrize("kind", ["dask", "processes"])
+def test_other_task_runners_give_the_same_files(kind, config, counts, harness, synth_small, ckpts, tmp_path):
+    if kind == "dask":
+        pytest.importorskip("prefect_dask")
+    from twopass.flows.prefect_flows import TaskRunnerSpec, detect_flow
 
     cfg = config(synth_small, ckpts)
     threads = detect_flow(cfg, str(tmp_path / "threads"))
-    dask = detect_flow.with_options(task_runner=task_runner("dask", workers=2))(cfg, str(tmp_path / "dask"))
-    assert [Path(p).name for p in dask.values()] == [Path(p).name for p in threads.values()]
-    assert counts(tmp_path / "dask") == {"detect": 6, "merge": 2}
+    other = detect_flow(cfg, str(tmp_path / kind), task_runner=TaskRunnerSpec(kind=kind, workers=2))
+    assert [Path(p).name for p in other.values()] == [Path(p).name for p in threads.values()]
+    assert counts(tmp_path / kind) == {"detect": 6, "merge": 2}
+
+
+def test_task_runner_spec_is_checked():
+    from pydantic import ValidationError
+
+    from twopass.flows.prefect_flows import TaskRunnerSpec
+
+    assert TaskRunnerSpec.model_validate({"kind": "threads", "workers": "2"}).workers == 2  # as a deployment parameter arrives
+    for bad, msg in (({"kind": "gpu"}, "kind"), ({"workers": 0}, "workers"), ({"dask_address": "tcp://h:8786"}, "needs kind 'dask'"),
+                     ({"kind": "dask", "dask_address": "h:8786"}, "expected tcp://HOST:PORT")):  # fmt: skip
+        with pytest.raises(ValidationError, match=msg):
+            TaskRunnerSpec.model_validate(bad)
 
 
 def test_retries_are_for_failures_that_can_pass():
