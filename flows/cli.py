@@ -204,6 +204,22 @@ def evaluate_cmd(
     typer.echo(f"report: {result['report']}")
 
 
+@flow_app.command("crash-detection")
+def crash_detection_cmd(
+    silence: Annotated[int, typer.Option(help="Seconds without a heartbeat after which a flow run is marked Crashed.")] = 90,
+) -> None:
+    """Mark flow runs whose worker died as Crashed: create the automation on the Prefect server of
+    PREFECT_API_URL (once per server; again to change --silence). Workers need
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 (prefect.yaml sets it on the work pool)."""
+    import os
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ValueError("crash-detection: set PREFECT_API_URL to your Prefect server (the embedded one keeps no automations)")
+    from .recovery import ensure_crash_automation
+
+    typer.echo(f"automation {ensure_crash_automation(silence)}: flow runs silent for {silence} s become Crashed")
+
+
 @flow_app.command("example-config")
 def example_config_cmd(
     out: Annotated[Path, typer.Argument(help="Where to write the YAML.")],

@@ -51,6 +51,72 @@ def _stop(proc: subprocess.Popen) -> None:
     os.killpg(proc.pid, signal.SIGKILL)
 
 
+class Server:
+    """A real Prefect server on a free loopback port, the project's work pool and deployments
+    (`prefect deploy --all` from the repository), and helpers to run the Prefect CLI and start
+    workers; every process it starts is stopped when the `with` block ends."""
+
+    def __init__(self, tmp_path: Path):
+        self.port = _free_port()
+        self.api = f"http://127.0.0.1:{self.port}/api"
+        self.base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        self.base.update(PREFECT_HOME=str(tmp_path / "prefect_home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+        self.env = dict(self.base, PREFECT_API_URL=self.api)
+        self.logs = tmp_path / "logs"
+        self.logs.mkdir()
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, args: list[str], name: str, **kw) -> subprocess.Popen:
+        out = (self.logs / f"{name}.log").open("w")
+        p = subprocess.Popen([sys.executable, "-m", "prefect", *args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+        self.started.append(p)
+        return p
+
+    def cli(self, *args: str, **kw) -> subprocess.CompletedProcess:
+        kw.setdefault("env", self.env)
+        return subprocess.run([sys.executable, "-m", "prefect", *args], capture_output=True, text=True, **kw)
+
+    def worker(self, name: str = "worker") -> subprocess.Popen:
+        return self.start(["worker", "start", "--pool", "twopass"], name, env=dict(self.env, PREFECT_WORKER_QUERY_SECONDS="2"))
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text()[-3000:]
+
+    def request(self, path: str, body: dict | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"{self.api}/{path}", data=data, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req) as resp:
+            return json.load(resp)
+
+    def __enter__(self) -> "Server":
+        try:
+            server = self.start(["server", "start", "--host", "127.0.0.1", "--port", str(self.port)], "server", env=self.base)
+            while True:
+                assert server.poll() is None, self.log("server")
+                try:
+                    with urllib.request.urlopen(f"{self.api}/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.5)
+            r = self.cli("work-pool", "create", "twopass", "--type", "process")
+            assert r.returncode == 0, r.stdout + r.stderr
+            self.deployed = self.cli("--no-prompt", "deploy", "--all", cwd=REPO, env=dict(self.env, PWD=str(REPO)))
+            assert self.deployed.returncode == 0, self.deployed.stdout + self.deployed.stderr
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *_) -> None:
+        for p in reversed(self.started):
+            _stop(p)
+
+
+def _run_id(stdout: str) -> str:
+    return re.search(r"UUID: ([0-9a-f-]{36})", stdout).group(1)
+
+
 @pytest.mark.slow
 def test_segment_flow_runs_by_deployment(config, counts, ckpts, synth_small, tmp_path):
     from twopass.pipeline.config import write_pipeline_config
@@ -62,46 +128,14 @@ def test_segment_flow_runs_by_deployment(config, counts, ckpts, synth_small, tmp
                                for a in gt["annotations"]]))  # fmt: skip
     run = tmp_path / "run"
 
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    base.update(PREFECT_HOME=str(tmp_path / "prefect_home"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    env = dict(base, PREFECT_API_URL=api)
-    prefect = [sys.executable, "-m", "prefect"]
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    started: list[subprocess.Popen] = []
-
-    def start(args: list[str], name: str, **kw) -> subprocess.Popen:
-        out = (logs / f"{name}.log").open("w")
-        p = subprocess.Popen(prefect + args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **kw)
-        started.append(p)
-        return p
-
-    def cli(*args: str, **kw) -> subprocess.CompletedProcess:
-        kw.setdefault("env", env)
-        return subprocess.run(prefect + list(args), capture_output=True, text=True, **kw)
-
-    try:
-        server = start(["server", "start", "--host", "127.0.0.1", "--port", str(port)], "server", env=base)
-        while True:
-            assert server.poll() is None, (logs / "server.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        r = cli("work-pool", "create", "twopass", "--type", "process")
-        assert r.returncode == 0, r.stdout + r.stderr
-        r = cli("--no-prompt", "deploy", "--all", cwd=REPO, env=dict(env, PWD=str(REPO)))
-        assert r.returncode == 0, r.stdout + r.stderr
+    with Server(tmp_path) as srv:
+        cli = srv.cli
         for name in ("train/train", "two-pass/two-pass", "segment/segment", "two-pass/two-pass-dask"):
-            assert name in r.stdout, r.stdout
-        start(["worker", "start", "--pool", "twopass"], "worker", env=dict(env, PREFECT_WORKER_QUERY_SECONDS="2"))
+            assert name in srv.deployed.stdout, srv.deployed.stdout
+        srv.worker()
         params = json.dumps({"config": str(cfg_path), "detections": str(det), "run_dir": str(run)})
         r = cli("deployment", "run", "segment/segment", "--params", params, "--watch")
-        assert r.returncode == 0 and "Completed" in r.stdout, r.stdout + r.stderr + (logs / "worker.log").read_text()[-3000:]
+        assert r.returncode == 0 and "Completed" in r.stdout, r.stdout + r.stderr + srv.log("worker")
         assert len(list(run.glob("segment-*/outputs/instances.parquet"))) == 1  # pass two alone: its own subfolder
         assert counts(run) == {"segment": 3, "merge": 1}
         # Every deployment has defaults (a Quick Run needs them), its run folder absolute.
@@ -111,12 +145,8 @@ def test_segment_flow_runs_by_deployment(config, counts, ckpts, synth_small, tmp
         # The task runner is a parameter: with 2 threads, two shards run at once.
         tp = json.dumps({"config": str(cfg_path), "run_dir": str(tmp_path / "tp"), "task_runner": {"kind": "threads", "workers": 2}})
         r = cli("deployment", "run", "two-pass/two-pass", "--params", tp, "--watch")
-        assert r.returncode == 0 and "Completed" in r.stdout, r.stdout + r.stderr + (logs / "worker.log").read_text()[-3000:]
-        flow_run = re.search(r"UUID: ([0-9a-f-]{36})", r.stdout).group(1)
-        query = json.dumps({"flow_runs": {"id": {"any_": [flow_run]}}}).encode()
-        req = urllib.request.Request(f"{api}/task_runs/filter", data=query, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req) as resp:
-            task_runs = json.load(resp)
+        assert r.returncode == 0 and "Completed" in r.stdout, r.stdout + r.stderr + srv.log("worker")
+        task_runs = srv.request("task_runs/filter", {"flow_runs": {"id": {"any_": [_run_id(r.stdout)]}}})
         spans = sorted((datetime.fromisoformat(t["start_time"]), datetime.fromisoformat(t["end_time"]))
                        for t in task_runs if "detect" in t["tags"] and t["start_time"])  # fmt: skip
         assert len(spans) == 6  # 2 detectors x 3 shards
@@ -130,9 +160,6 @@ def test_segment_flow_runs_by_deployment(config, counts, ckpts, synth_small, tmp
         bad["task_runner"] = {"kind": "gpu"}
         r = cli("deployment", "run", "two-pass/two-pass", "--params", json.dumps(bad))
         assert r.returncode != 0 and "Validation failed for field 'task_runner" in (r.stdout + r.stderr), r.stdout + r.stderr
-    finally:
-        for p in reversed(started):
-            _stop(p)
 
 
 @pytest.mark.slow
@@ -151,3 +178,50 @@ def test_demo_command_end_to_end_on_a_tiny_budget(tmp_path):
     assert (out / "report.md").is_file() and (out / "outputs" / "instances.parquet").is_file()
     assert len(list((out / "pictures").glob("*.png"))) == 4
     assert (out / "prefect" / "prefect.db").is_file()  # Prefect's home stayed in the run folder
+
+
+@pytest.mark.slow
+def test_killed_worker_marks_the_run_crashed_and_a_rerun_reuses_finished_shards(config, ckpts, synth_small, tmp_path):
+    """`twopass flow crash-detection` on a real server: the worker and its flow run are killed
+    mid-run, the run becomes Crashed (not `Running` forever), and a rerun computes only the
+    shards the killed run had not finished."""
+    import psutil
+
+    from twopass.pipeline.config import write_pipeline_config
+    from twopass.pipeline.runfolder import read_ledger
+
+    cfg_path = write_pipeline_config(tmp_path / "pipeline.yaml", config(synth_small, ckpts, shard_size=1))  # 8 shards
+    run = tmp_path / "run"
+    params = json.dumps({"config": str(cfg_path), "run_dir": str(run)})
+    shard_keys = lambda entries: {(e["stage"], e["name"], e["key"]) for e in entries if e["stage"] in ("detect", "fuse", "segment")}  # noqa: E731
+
+    with Server(tmp_path) as srv:
+        r = subprocess.run([sys.executable, "-m", "twopass.pipeline.cli", "flow", "crash-detection", "--silence", "60"],
+                           env=srv.env, capture_output=True, text=True)  # fmt: skip
+        assert r.returncode == 0 and "become Crashed" in r.stdout, r.stdout + r.stderr
+        worker = srv.worker()
+        r = srv.cli("deployment", "run", "two-pass/two-pass", "--params", params)
+        assert r.returncode == 0, r.stdout + r.stderr
+        flow_run = _run_id(r.stdout)
+        deadline = time.time() + 300
+        while sum(e["stage"] == "detect" for e in read_ledger(run)) < 3:
+            assert time.time() < deadline and worker.poll() is None, srv.log("worker")
+            time.sleep(0.05)
+        for p in [*psutil.Process(worker.pid).children(recursive=True), psutil.Process(worker.pid)]:  # the flow run too
+            p.kill()
+        killed_at = time.time()
+        first = read_ledger(run)
+        assert not (run / "outputs" / "instances.parquet").exists(), "the run finished before the kill"
+        state = None
+        while time.time() - killed_at < 300 and state != "CRASHED":
+            time.sleep(5)
+            state = srv.request(f"flow_runs/{flow_run}")["state"]["type"]
+        assert state == "CRASHED", f"{state} after {time.time() - killed_at:.0f} s"
+        print(f"marked Crashed {time.time() - killed_at:.0f} s after the kill")
+
+        srv.worker("worker2")
+        r = srv.cli("deployment", "run", "two-pass/two-pass", "--params", params, "--watch")
+        assert r.returncode == 0 and "Completed" in r.stdout, r.stdout + r.stderr + srv.log("worker2")
+    done, second = shard_keys(first), shard_keys(read_ledger(run)[len(first):])
+    assert done and done.isdisjoint(second) and len(done | second) == 32  # 16 detections, 8 fusions, 8 segmentations
+    assert (run / "outputs" / "instances.parquet").is_file()
