@@ -54,7 +54,7 @@ def main() -> None:
     base = demo_config(data, shard_size=args.shard_size)
     ckpts = {}
     for kind, spec in [("detector", d) for d in base.detectors] + [("segmenter", base.segmenter)]:
-        ckpts[spec.name] = str(_random_checkpoint(work / "models" / spec.name, kind, spec.model, categories))
+        ckpts[spec.name] = str(random_checkpoint(work / "models" / spec.name, kind, spec.model, categories))
     cfg = base.model_copy(update={
         "data": base.data.model_copy(update={"train_ann": None, "train_images": None}),
         "detectors": [d.model_copy(update={"checkpoint": ckpts[d.name]}) for d in base.detectors],
@@ -119,7 +119,8 @@ def _torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def _random_checkpoint(folder: Path, kind: str, model: dict, categories) -> Path:
+def random_checkpoint(folder: Path, kind: str, model: dict, categories) -> Path:
+    """A checkpoint of `model` at random weights (seed 0), written once into `folder`."""
     import torch
 
     from twopass.detector.checkpoint import save_checkpoint
