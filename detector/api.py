@@ -197,7 +197,7 @@ def clear_cache() -> None:
 
 def load_any(checkpoint: str | Path, device: str = "cpu", fast: bool = True) -> LoadedModel:
     """`load_for_inference` of a detector or a segmenter (a full Mask R-CNN), by the checkpoint's kind."""
-    return load_for_inference(kind_of(str(read_json(resolve(checkpoint)).get("kind"))), checkpoint, device, fast)
+    return load_for_inference(kind_of(read_meta(checkpoint).kind), checkpoint, device, fast)
 
 
 def views_of(checkpoint: str | Path, scales: Sequence[int] | None, flip: bool) -> list[View]:

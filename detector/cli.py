@@ -55,14 +55,16 @@ def make_train_command(kind: str, load_kind: Callable[[], Any]) -> Callable[...,
         import os
 
         from .api import train_model
+        from .checkpoint import read_meta
         from .train import TrainOptions
 
-        from .checkpoint import read_meta
-
         model_kind = load_kind()
-        if config is None and init is None:
+        if config is not None:
+            cfg = model_kind.config(config, "--config")
+        elif init is not None:
+            cfg = model_kind.config(read_meta(init).config, f"--init {init} (config)")
+        else:
             raise ValueError("--config: required (or --init RUN, to fine-tune with that run's config)")
-        cfg = model_kind.config(config, "--config") if config is not None else model_kind.config(read_meta(init).config, f"--init {init} (config)")
         options = TrainOptions(out=out, iters=iters, batch=batch, lr=lr, device=device, resume=resume, overwrite=overwrite,
                                checkpoint_every=checkpoint_every,
                                val_every=val_every, seed=seed, num_workers=workers, progress=progress, time_budget_s=time_budget)  # fmt: skip
