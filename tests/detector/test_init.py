@@ -62,6 +62,7 @@ def test_init_refuses_another_architecture(tiny_model, tmp_path):
         init_weights(model, read_meta(tmp_path / "src"), cats)
 
 
+@pytest.mark.slow  # a ResNet-50 Mask R-CNN trains 2 iterations in a subprocess: ~15 s
 def test_finetune_an_imported_torchvision_mask_rcnn(synth_small, tmp_path):
     """An imported random-weight maskrcnn_resnet50_fpn, its config at the synthetic set's 128 px,
     trained 2 iterations on it: the frozen stem keeps the imported weights exactly."""

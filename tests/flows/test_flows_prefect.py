@@ -175,7 +175,7 @@ def test_train_flow_trains_once_then_two_pass_finds_the_models(config, counts, l
     assert counts(run, since=n) == {"detect": 1, "fuse": 1, "segment": 1, "merge": 3}
 
 
-@pytest.mark.parametrize("kind", ["dask", "processes"])
+@pytest.mark.parametrize("kind", ["dask", pytest.param("processes", marks=pytest.mark.slow)])  # a process pool: ~40 s more
 def test_other_task_runners_give_the_same_files(kind, config, counts, harness, synth_small, ckpts, tmp_path):
     if kind == "dask":
         pytest.importorskip("prefect_dask")
