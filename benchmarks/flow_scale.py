@@ -1,9 +1,10 @@
 """How the cost of a two-pass flow run grows with its size, and what a second Dask worker buys.
 
 The two-pass flow (`two_pass_flow` on the embedded Prefect server, evaluation included) with
-the demo's two detectors and segmenter at random weights (one view each, 20 boxes an image from
-each detector and from fusion: the growth with size is what matters here, not the work per
-image) on synthetic 128 px images, shards of 64:
+tiny models at random weights (two detectors with different heads and a segmenter, ShuffleNetV2
+x0.5 with a 16-channel FPN at 96 px, one view each, 20 boxes an image from each detector and from
+fusion, the segmenter's own boxes not fused: the growth with size is what matters here, not the
+work per image) on synthetic 128 px images, shards of 64:
   1. on 100 and on 1,000 images (a thread task runner of 1 worker, the default), alternating;
   2. on the same 1,000 with a local Dask cluster of 2 single-threaded workers against 1
      (OMP_NUM_THREADS=1 on both sides), alternating.
@@ -84,7 +85,7 @@ def prepare(work: Path, sizes: list[int]) -> dict[int, Path]:
     checkpoints of the demo's models, and a pipeline config per size."""
     from twopass.flows.demo import demo_config
     from twopass.pipeline.coco import CocoIndex
-    from twopass.pipeline.config import write_pipeline_config
+    from twopass.pipeline.config import TTAConfig, write_pipeline_config
     from twopass.pipeline.fileio import read_json, write_json
     from twopass.pipeline.synth import generate
 
@@ -97,24 +98,44 @@ def prepare(work: Path, sizes: list[int]) -> dict[int, Path]:
     full = read_json(data / "val" / "annotations.json")
     categories = CocoIndex.load(data / "val" / "annotations.json").categories
     base = demo_config(data)
+    models = {d.name: tiny_model(d.name, d.model["box_head"]["type"]) for d in base.detectors}
+    models[base.segmenter.name] = tiny_model(base.segmenter.name, "location_sensitive", mask=True)
     ckpts = {}
     for kind, spec in [("detector", d) for d in base.detectors] + [("segmenter", base.segmenter)]:
-        ckpts[spec.name] = str(random_checkpoint(work / "models" / spec.name, kind, spec.model, categories))
+        ckpts[spec.name] = str(random_checkpoint(work / "models" / spec.name, kind, models[spec.name], categories))
     configs = {}
     for size in sizes:
         ids = {im["id"] for im in full["images"][:size]}
         ann = data / f"val_{size}.json"
         write_json(ann, {**full, "images": [im for im in full["images"] if im["id"] in ids],
                          "annotations": [a for a in full["annotations"] if a["image_id"] in ids]})  # fmt: skip
-        one_view = {"scales": None, "flip": False}
+        one_view = TTAConfig()
         cfg = base.model_copy(update={
             "data": base.data.model_copy(update={"ann": ann, "train_ann": None, "train_images": None, "shard_size": 64}),
-            "detectors": [d.model_copy(update={"checkpoint": ckpts[d.name], "tta": one_view, "max_per_image": 20}) for d in base.detectors],
+            "detectors": [d.model_copy(update={"model": models[d.name], "checkpoint": ckpts[d.name], "tta": one_view, "max_per_image": 20})
+                          for d in base.detectors],
             "fusion": base.fusion.model_copy(update={"max_per_image": 20}),
-            "segmenter": base.segmenter.model_copy(update={"checkpoint": ckpts[base.segmenter.name], "tta": one_view}),
+            "segmenter": base.segmenter.model_copy(update={"model": models[base.segmenter.name], "checkpoint": ckpts[base.segmenter.name],
+                                                           "tta": one_view, "own_boxes": None}),
         })  # fmt: skip
         configs[size] = write_pipeline_config(work / f"pipeline_{size}.yaml", cfg)
     return configs
+
+
+def tiny_model(name: str, head: str, mask: bool = False) -> dict:
+    """A tiny model config: ShuffleNetV2 x0.5, 16-channel FPN, 96 px, 32-wide heads."""
+    box = {"type": head, "fc_dim": 32, "batch_size_per_image": 16}
+    if head == "location_sensitive":
+        box.update(kernel_size=3, mid_channels=8, alpha=2)
+    return {
+        "name": name,
+        "backbone": {"name": "shufflenet_v2_x0_5", "fpn_channels": 16, "trainable_stages": 5},
+        "norm": {"backbone": "bn"},
+        "rpn": {"anchors": {"sizes": [16, 32, 64, 128]}, "pre_nms_top_n_test": 100, "post_nms_top_n_test": 50},
+        "box_head": box,
+        "input": {"train_sizes": [96], "test_size": 96, "max_size": 128},
+        **({"mask_head": {"conv_dim": 16, "num_convs": 2}} if mask else {}),
+    }
 
 
 def main() -> None:
@@ -130,7 +151,7 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="flow_scale_"))
     work.mkdir(parents=True, exist_ok=True)
     configs = prepare(work, [small, large])
-    print(f"two_pass_flow, demo models at random weights, one view each, shards of 64, {os.cpu_count()} cores; "
+    print(f"two_pass_flow, tiny models at random weights, one view each, shards of 64, {os.cpu_count()} cores; "
           f"sizes {small} and {large} images, {args.rounds} rounds, sides alternating")  # fmt: skip
 
     threads1 = {"kind": "threads", "workers": 1}
