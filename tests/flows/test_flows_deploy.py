@@ -183,8 +183,9 @@ def test_demo_command_end_to_end_on_a_tiny_budget(tmp_path):
 @pytest.mark.slow
 def test_killed_worker_marks_the_run_crashed_and_a_rerun_reuses_finished_shards(config, ckpts, synth_small, tmp_path):
     """`twopass flow crash-detection` on a real server: the worker and its flow run are killed
-    mid-run, the run becomes Crashed (not `Running` forever), and a rerun computes only the
-    shards the killed run had not finished."""
+    mid-run, the run becomes Crashed (not `Running` forever); one finished shard file is then cut
+    short, and a rerun computes it again (with a warning naming it) and the shards the killed run
+    had not finished, nothing else."""
     import psutil
 
     from twopass.pipeline.config import write_pipeline_config
@@ -219,9 +220,17 @@ def test_killed_worker_marks_the_run_crashed_and_a_rerun_reuses_finished_shards(
         assert state == "CRASHED", f"{state} after {time.time() - killed_at:.0f} s"
         print(f"marked Crashed {time.time() - killed_at:.0f} s after the kill")
 
+        # One finished shard file is cut short as a disk that filled would leave it.
+        cut = next(e for e in first if e["stage"] == "detect")
+        good = Path(cut["output"]).read_bytes()
+        Path(cut["output"]).write_bytes(good[: len(good) // 2])
+
         srv.worker("worker2")
         r = srv.cli("deployment", "run", "two-pass/two-pass", "--params", params, "--watch")
         assert r.returncode == 0 and "Completed" in r.stdout, r.stdout + r.stderr + srv.log("worker2")
     done, second = shard_keys(first), shard_keys(read_ledger(run)[len(first):])
-    assert done and done.isdisjoint(second) and len(done | second) == 32  # 16 detections, 8 fusions, 8 segmentations
+    cut_key = (cut["stage"], cut["name"], cut["key"])
+    # the rerun computed the truncated shard again and every shard the killed run had not finished, nothing else
+    assert cut_key in second and len(done - second) == len(done) - 1 and len(done | second) == 32
+    assert Path(cut["output"]).read_bytes() == good and f"{cut['output']} is unreadable" in (run / "logs" / "prefect.log").read_text()
     assert (run / "outputs" / "instances.parquet").is_file()
