@@ -17,6 +17,7 @@ gives near-zero probability anyway; a categories list naming every label keeps t
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,26 +93,28 @@ def _rename(key: str) -> str:
     return key
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a torchvision `.pth` (read with weights_only=True: no code runs), a
-    `{"model": state_dict}` training checkpoint of torchvision's references, or a `.safetensors`."""
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], str]:
+    """(tensors, SHA-256 of the file) of a torchvision `.pth` (read with weights_only=True: no
+    code runs), a `{"model": state_dict}` training checkpoint of torchvision's references, or a
+    `.safetensors`. The file is read once for both."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--weights {path}: no such file")
+    data = path.read_bytes()
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from safetensors.torch import load
 
-            state: Any = load_file(str(path))
+            state: Any = load(data)
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling, zip and safetensors errors have no common base
         raise ValueError(f"--weights {path}: not a readable state dict ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"--weights {path}: expected a state dict (parameter name -> tensor)")
-    return state
+    return state, hashlib.sha256(data).hexdigest()
 
 
 def categories_with_labels(spec: str | Path, num_outputs: int) -> tuple[Categories, list[int]]:
@@ -188,7 +191,7 @@ def import_torchvision(arch: str, weights: str | Path, out: str | Path, categori
     claim_run_folder(out, resume=False, overwrite=overwrite)
     spec = ARCHS[arch]
     kind = kind_of(spec.kind)
-    state = read_state_dict(weights)
+    state, digest = read_state_dict(weights)
     key = "roi_heads.box_predictor.cls_score.weight"
     if key not in state:
         raise ValueError(f"--weights {weights}: no {key!r}; not a torchvision detection model")
@@ -196,7 +199,6 @@ def import_torchvision(arch: str, weights: str | Path, out: str | Path, categori
     config = kind.config(spec.config, f"--arch {arch}")
     model = kind.build(config, cats.num_classes)
     model.load_state_dict(convert_state_dict(arch, state, labels, model.state_dict(), f"--weights {weights}"), strict=True)
-    digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()
     extra = {"imported_from": {"arch": arch, "weights": str(Path(weights).resolve()), "sha256": digest, "categories": str(categories)}}
     path = save_checkpoint(out, model, kind=spec.kind, config=config.to_dict(), categories=cats, iteration=0, extra=extra)
     # A copy for reading and for `--config` when fine-tuning with changes; the checkpoint JSON
