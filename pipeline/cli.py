@@ -83,6 +83,7 @@ def evaluate(
     results: Annotated[Path, typer.Option(help="Detections/instances Parquet or COCO results JSON.")],
     out: Annotated[Optional[Path], typer.Option(help="Write the metrics here as JSON.")] = None,
     backend: Annotated[str, typer.Option(help="faster | pycocotools")] = "faster",
+    class_agnostic: Annotated[bool, typer.Option(help="Ignore the categories when matching (COCOeval useCats=0): the AP the labels cost.")] = False,
 ) -> None:
     """COCO box and mask AP of a results file, with a per-category table."""
     from .evaluate import evaluate as run_eval
@@ -91,7 +92,7 @@ def evaluate(
     if backend not in ("faster", "pycocotools"):
         raise ValueError(f"--backend must be 'faster' or 'pycocotools', got {backend!r}")
     check_outputs({"--out": out}, {"--ann": ann, "--results": results})
-    metrics = run_eval(ann, results, backend=backend)  # type: ignore[arg-type]
+    metrics = run_eval(ann, results, backend=backend, class_agnostic=class_agnostic)  # type: ignore[arg-type]
     shown = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"]  # all twelve go to --out
     # COCOeval reports -1 where an area range has no ground truth.
     print_table(results.name, ["", *shown], [[t, *(metrics[t][k] if metrics[t][k] >= 0 else None for k in shown)]

@@ -239,30 +239,32 @@ def read_table(path: str | Path, kind: Kind, categories: Categories | None = Non
 # --------------------------------------------------------------------------- COCO results JSON
 
 
+def coco_columns(table: pa.Table) -> dict[str, list]:
+    """Detections or instances -> the COCO results fields as lists: image_id, category_id, bbox
+    (XYWH float lists), score, source, and segmentation (RLE dicts) if the table has masks."""
+    boxes = boxes_of(table).astype(np.float64)
+    cols = {
+        "image_id": table.column("image_id").to_pylist(),
+        "category_id": table.column("category_id").to_pylist(),
+        "bbox": np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).tolist(),
+        "score": table.column("score").to_numpy().astype(np.float64).tolist(),
+        "source": table.column("source").to_pylist(),
+    }
+    if "mask_counts" in table.column_names:
+        cols["segmentation"] = [
+            {"size": [h, w], "counts": c}
+            for h, w, c in zip(*(table.column(k).to_pylist() for k in ("mask_height", "mask_width", "mask_counts")))
+        ]
+    return cols
+
+
 def to_coco_results(table: pa.Table) -> list[dict]:
     """Detections or instances -> COCO results list (`bbox` XYWH; `segmentation` RLE if masks).
 
     Each entry also keeps its `source`; COCO tools ignore the extra key.
     """
-    boxes = boxes_of(table).astype(np.float64)
-    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).tolist()
-    ids = table.column("image_id").to_pylist()
-    cats = table.column("category_id").to_pylist()
-    scores = table.column("score").to_numpy().astype(np.float64).tolist()
-    sources = table.column("source").to_pylist()
-    out = [
-        {"image_id": i, "category_id": c, "bbox": b, "score": s, "source": src}
-        for i, c, b, s, src in zip(ids, cats, xywh, scores, sources)
-    ]
-    if "mask_counts" in table.column_names:
-        for r, h, w, counts in zip(
-            out,
-            table.column("mask_height").to_pylist(),
-            table.column("mask_width").to_pylist(),
-            table.column("mask_counts").to_pylist(),
-        ):
-            r["segmentation"] = {"size": [h, w], "counts": counts}
-    return out
+    cols = coco_columns(table)
+    return [dict(zip(cols, values)) for values in zip(*cols.values())]
 
 
 def from_coco_results(results: list[dict], source: str, what: str = "results", category_map: CategoryMap | None = None) -> pa.Table:

@@ -39,6 +39,31 @@ def test_same_numbers_as_pycocotools(synth_small):
     assert 0.2 < ours["bbox"]["AP"] < 0.95  # the perturbation really costs AP
 
 
+@pytest.mark.parametrize("form", ["bytes", "uncompressed", "polygon"])
+def test_other_mask_formats_same_numbers_as_pycocotools(synth_small, form):
+    """Compressed RLE strings skip the library's mask conversion; every other form of a COCO
+    result's mask goes through it and scores the same."""
+    from pycocotools import mask as mask_utils
+
+    gt = json.loads((synth_small / "annotations.json").read_text())
+    res = perturbed(gt, seed=2)
+    for r in res[::2]:  # half of them in the other form: a mixed list takes the library's path
+        rle = r["segmentation"]
+        if form == "bytes":
+            r["segmentation"] = {"size": rle["size"], "counts": rle["counts"].encode()}
+        elif form == "uncompressed":
+            m = mask_utils.decode(rle).ravel(order="F")
+            change = np.flatnonzero(np.diff(np.concatenate([[0], m, [1 - m[-1]]])))  # run boundaries
+            r["segmentation"] = {"size": rle["size"], "counts": np.diff(np.concatenate([[0], change])).tolist()}
+        else:
+            x, y, w, h = r["bbox"]
+            r["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    ours = evaluate(gt, res)
+    assert ours == evaluate(gt, res, backend="pycocotools")
+    same_masks = form != "polygon"  # bytes and uncompressed RLE hold the very masks of the strings
+    assert (ours["segm"]["AP"] == evaluate(gt, perturbed(gt, seed=2))["segm"]["AP"]) == same_masks
+
+
 def test_ground_truth_scores_one_and_parquet_input(synth_small, tmp_path):
     gt = json.loads((synth_small / "annotations.json").read_text())
     res = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0,
@@ -62,3 +87,17 @@ def test_empty_results_and_bad_ids(synth_small):
     bad[0].update(image_id=1, category_id=42)
     with pytest.raises(ValueError, match=r"result 0 \(image_id 1\) has unknown category_id 42"):
         evaluate(synth_small / "annotations.json", bad)
+
+
+def test_class_agnostic_scores_relabelled_results_as_one_category(synth_small):
+    gt = json.loads((synth_small / "annotations.json").read_text())
+    res = perturbed(gt, seed=1)
+    ours = evaluate(gt, res, class_agnostic=True)
+    assert ours == evaluate(gt, res, class_agnostic=True, backend="pycocotools")
+    one = {**gt, "categories": [{"id": 1, "name": "object"}], "annotations": [{**a, "category_id": 1} for a in gt["annotations"]]}
+    relabelled = evaluate(one, [{**r, "category_id": 1} for r in res])
+    for t in ("bbox", "segm"):
+        for k in STAT_NAMES:
+            assert ours[t][k] == pytest.approx(relabelled[t][k], abs=1e-12), (t, k)
+    assert ours["bbox"]["AP"] > evaluate(gt, res)["bbox"]["AP"] + 0.02  # the wrong labels cost AP
+    assert ours["per_category"] == {}
