@@ -11,7 +11,7 @@ work per image) on synthetic 128 px images, shards of 64:
 Each run is a fresh child process with its own run folder and Prefect home, so nothing is
 reused and memory starts from zero; the flow's time excludes the embedded server's start.
 Peak resident memory is sampled every 0.1 s: of the flow process (where the task runner's
-threads and the local Dask workers live) and of the embedded server (its child process).
+threads live), of the embedded server and of the largest local Dask worker (child processes).
 
     python benchmarks/flow_scale.py [--sizes 100,1000] [--rounds 2] [--keep DIR]
 
@@ -52,8 +52,8 @@ def child(case: dict) -> None:
 
 
 def run_case(name: str, config: Path, run_dir: Path, task_runner: dict, threads: int | None) -> dict:
-    """Run one case in a child process; its time, and the peak RSS of the flow process and of
-    the embedded server (MiB)."""
+    """Run one case in a child process; its time, and the peak RSS of the flow process, of the
+    embedded server and of the largest Dask worker process (MiB)."""
     import psutil
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -63,13 +63,17 @@ def run_case(name: str, config: Path, run_dir: Path, task_runner: dict, threads:
     case = {"config": str(config), "run_dir": str(run_dir), "task_runner": task_runner}
     proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(case)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
-    flow_peak = server_peak = 0
+    flow_peak = server_peak = worker_peak = 0
     ps = psutil.Process(proc.pid)
     while proc.poll() is None:
         try:
             flow_peak = max(flow_peak, ps.memory_info().rss)
             for c in ps.children(recursive=True):
-                server_peak = max(server_peak, c.memory_info().rss)
+                rss = c.memory_info().rss
+                if "uvicorn" in " ".join(c.cmdline()):  # the embedded Prefect server
+                    server_peak = max(server_peak, rss)
+                else:  # a Dask worker process (or its nanny)
+                    worker_peak = max(worker_peak, rss)
         except psutil.Error:
             pass
         time.sleep(0.1)
@@ -77,7 +81,7 @@ def run_case(name: str, config: Path, run_dir: Path, task_runner: dict, threads:
     if proc.returncode != 0:
         raise SystemExit(f"{name}: the flow run failed (rc {proc.returncode}):\n{err[-3000:]}")
     seconds = json.loads(out.strip().splitlines()[-1])["seconds"]
-    return {"seconds": seconds, "flow_mib": flow_peak / 2**20, "server_mib": server_peak / 2**20}
+    return {"seconds": seconds, "flow_mib": flow_peak / 2**20, "server_mib": server_peak / 2**20, "worker_mib": worker_peak / 2**20}
 
 
 def prepare(work: Path, sizes: list[int]) -> dict[int, Path]:
@@ -170,7 +174,8 @@ def main() -> None:
             results[name].append(res)
             n = small if name.startswith(f"{small} ") else large
             print(f"round {r + 1} {name:>22}: {res['seconds']:7.1f} s ({res['seconds'] / n * 1000:6.1f} ms an image), "
-                  f"peak RSS flow {res['flow_mib']:6.0f} MiB, server {res['server_mib']:5.0f} MiB", flush=True)  # fmt: skip
+                  f"peak RSS flow {res['flow_mib']:6.0f} MiB, server {res['server_mib']:5.0f} MiB, "
+                  f"Dask worker {res['worker_mib']:5.0f} MiB", flush=True)  # fmt: skip
             shutil.rmtree(run_dir, ignore_errors=True)
 
     med = statistics.median
@@ -183,7 +188,9 @@ def main() -> None:
     for name in cases:
         n = small if name.startswith(f"{small} ") else large
         (s_med, s_min), (f_med, _), (v_med, _) = stat(name, "seconds", n), stat(name, "flow_mib"), stat(name, "server_mib")
-        print(f"{name:>22}: {s_med * 1000:6.1f} ms an image (min {s_min * 1000:6.1f}), peak RSS flow {f_med:6.0f} MiB, server {v_med:5.0f} MiB")
+        w_med = stat(name, "worker_mib")[0]
+        print(f"{name:>22}: {s_med * 1000:6.1f} ms an image (min {s_min * 1000:6.1f}), peak RSS flow {f_med:6.0f} MiB, "
+              f"server {v_med:5.0f} MiB" + (f", Dask worker {w_med:5.0f} MiB" if w_med else ""))  # fmt: skip
     growth = stat(f"{large} images", "seconds", large)[0] / stat(f"{small} images", "seconds", small)[0]
     rss = stat(f"{large} images", "flow_mib")[0] / stat(f"{small} images", "flow_mib")[0]
     d1, d2 = results[f"{large}, dask 1 worker"], results[f"{large}, dask 2 workers"]

@@ -175,7 +175,9 @@ def test_train_flow_trains_once_then_two_pass_finds_the_models(config, counts, l
     assert counts(run, since=n) == {"detect": 1, "fuse": 1, "segment": 1, "merge": 3}
 
 
-@pytest.mark.parametrize("kind", ["dask", pytest.param("processes", marks=pytest.mark.slow)])  # a process pool: ~40 s more
+# each starts worker processes that import torch and Prefect: ~30-40 s more than threads
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dask", "processes"])
 def test_other_task_runners_give_the_same_files(kind, config, counts, harness, synth_small, ckpts, tmp_path):
     if kind == "dask":
         pytest.importorskip("prefect_dask")
@@ -186,6 +188,22 @@ def test_other_task_runners_give_the_same_files(kind, config, counts, harness, s
     other = detect_flow(cfg, str(tmp_path / kind), task_runner=TaskRunnerSpec(kind=kind, workers=2))
     assert [Path(p).name for p in other.values()] == [Path(p).name for p in threads.values()]
     assert counts(tmp_path / kind) == {"detect": 6, "merge": 2}
+
+
+def test_local_dask_workers_are_processes_that_report_to_this_api(harness):
+    """Threads of the flow's process would share its interpreter lock (1.29x for 2 workers
+    against 1.64x for processes, benchmarks/flow_scale.py); processes without PREFECT_API_URL
+    would each start a Prefect server of their own."""
+    pytest.importorskip("prefect_dask")
+    from prefect.settings import PREFECT_API_URL
+
+    from twopass.flows.prefect_flows import TaskRunnerSpec
+
+    runner = TaskRunnerSpec(kind="dask", workers=2).build()
+    kwargs = runner.cluster_kwargs
+    assert (kwargs["n_workers"], kwargs["threads_per_worker"], kwargs["processes"]) == (2, 1, True)
+    assert kwargs["env"]["PREFECT_API_URL"] == PREFECT_API_URL.value().rstrip("/")
+    assert TaskRunnerSpec(kind="dask", dask_address="tcp://h:8786").build().address == "tcp://h:8786"
 
 
 def test_task_runner_spec_is_checked():
