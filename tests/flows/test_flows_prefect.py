@@ -192,7 +192,7 @@ def test_other_task_runners_give_the_same_files(kind, config, counts, harness, s
 
 def test_local_dask_workers_are_processes_that_report_to_this_api(harness):
     """Threads of the flow's process would share its interpreter lock (1.29x for 2 workers
-    against 1.64x for processes, benchmarks/flow_scale.py); processes without PREFECT_API_URL
+    against 1.58x for processes, benchmarks/flow_scale.py); processes without PREFECT_API_URL
     would each start a Prefect server of their own."""
     pytest.importorskip("prefect_dask")
     from prefect.settings import PREFECT_API_URL
