@@ -22,6 +22,7 @@ from torch import nn
 
 from twopass.pipeline.coco import CocoDataset, ImageSet
 from twopass.pipeline.fileio import OutputError, read_json, sweep_temp_files
+from twopass.pipeline.precision import check_precision
 from twopass.pipeline.settings import DETECT, DetectSettings
 from twopass.pipeline.tables import TableMeta, write_table
 
@@ -235,12 +236,14 @@ def detect_images(
     view, boxes XYXY in original pixels, COCO category ids. A segmenter run end to end
     (`with_masks`) gives instances. Written to `out` when given; returns (table, meta)."""
     check_categories(loaded, image_set)
+    check_precision(settings.precision, device)
     name = name or loaded.name
     with loaded.lock:
         table = detect(
             loaded.model, image_set, loaded.meta.categories, model_name=name, views=views, batch=settings.batch,
             device=device, score_thresh=settings.score_thresh, max_per_image=settings.max_per_image,
             image_ids=None if image_ids is None else list(image_ids), with_masks=with_masks, progress=progress,
+            precision=settings.precision,
         )  # fmt: skip
     meta = TableMeta(
         kind="instances" if with_masks else "detections",
@@ -249,7 +252,8 @@ def detect_images(
         config=loaded.meta.config,
         dataset=image_set.source,
         extra={"checkpoint": str(loaded.meta.path), "iteration": loaded.meta.iteration,
-               "views": [v.source(name) for v in views], **(extra or {})},  # fmt: skip
+               "views": [v.source(name) for v in views],
+               **({"precision": settings.precision} if settings.precision != "fp32" else {}), **(extra or {})},  # fmt: skip
     )
     if out is not None:
         write_table(out, table, meta)

@@ -51,6 +51,7 @@ def make_train_command(kind: str, load_kind: Callable[[], Any]) -> Callable[...,
         workers: Annotated[Optional[int], typer.Option(help="Data loader worker processes.")] = None,
         time_budget: Annotated[Optional[float], typer.Option(help="Stop (and save) after this many seconds of training.")] = None,
         progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+        precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16 | fp16 (mixed precision; default: the config's train.precision).")] = None,
     ) -> None:
         import os
 
@@ -67,7 +68,8 @@ def make_train_command(kind: str, load_kind: Callable[[], Any]) -> Callable[...,
             raise ValueError("--config: required (or --init RUN, to fine-tune with that run's config)")
         options = TrainOptions(out=out, iters=iters, batch=batch, lr=lr, device=device, resume=resume, overwrite=overwrite,
                                checkpoint_every=checkpoint_every,
-                               val_every=val_every, seed=seed, num_workers=workers, progress=progress, time_budget_s=time_budget)  # fmt: skip
+                               val_every=val_every, seed=seed, num_workers=workers, progress=progress, time_budget_s=time_budget,
+                               precision=precision)  # fmt: skip
         result = train_model(model_kind, cfg, train_ann, train_images, options, backbone_weights=backbone_weights, init=init,
                              val_ann=val_ann, val_images=val_images)  # fmt: skip
         if int(os.environ.get("RANK", "0")) == 0:
@@ -96,6 +98,7 @@ def detect(
     score_thresh: Annotated[float, typer.Option(help=help_of(DetectSettings, "score_thresh"))] = DETECT.score_thresh,
     max_per_image: Annotated[int, typer.Option(help=help_of(DetectSettings, "max_per_image"))] = DETECT.max_per_image,
     batch: Annotated[int, typer.Option(help=help_of(DetectSettings, "batch"))] = DETECT.batch,
+    precision: Annotated[str, typer.Option(help=help_of(DetectSettings, "precision"))] = DETECT.precision,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     name: Annotated[Optional[str], typer.Option(help="Model name in the source column (default: the config's name).")] = None,
     fast: Annotated[bool, typer.Option(help="Fold frozen BatchNorm into convolutions, channels-last on CPU.")] = True,
@@ -110,7 +113,8 @@ def detect(
 
     from .api import detect_images, load_any, views_of
 
-    settings = validate_mapping(DetectSettings, dict(score_thresh=score_thresh, max_per_image=max_per_image, batch=batch),
+    settings = validate_mapping(DetectSettings, dict(score_thresh=score_thresh, max_per_image=max_per_image, batch=batch,
+                                                         precision=precision),
                                 "twopass detect", ValueError, "setting")  # fmt: skip
     scales = parse_scales(tta_scales)
     check_outputs({"--out": out}, {"--ann": ann, "--checkpoint": checkpoint})

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from twopass.pipeline.config import validate_mapping
+from twopass.pipeline.settings import Precision
 
 # Range-checked field types: a bad value is refused when the config loads, naming its field.
 PosInt = Annotated[int, Field(gt=0)]
@@ -203,6 +204,9 @@ class TrainConfig(_Strict):
     val_every: int = Field(0, ge=0)
     seed: int = 0
     num_workers: int = Field(0, ge=0)
+    # Mixed precision of the training steps (pipeline/precision.py): fp32, bf16 (CUDA, or a CPU
+    # with native bfloat16) or fp16 (CUDA, with a gradient scaler). Checkpoints stay float32.
+    precision: Precision = "fp32"
 
 
 class ModelConfig(_Strict):

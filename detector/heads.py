@@ -17,6 +17,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import ps_roi_align, roi_align
 from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format
 
+from twopass.pipeline.precision import full_precision
+
 from .config import RoIPoolConfig
 
 
@@ -113,12 +115,18 @@ class LevelPooler(nn.Module):
             and self.op is roi_align
             and self.sampling_ratio > 0
             and feature.device.type == "cpu"
+            and feature.dtype == torch.float32  # the sparse product has no bfloat16 kernel
             and not (torch.is_grad_enabled() and feature.requires_grad)
             and feature.is_contiguous(memory_format=torch.channels_last)
         ):
             return roi_align_channels_last(feature, rois, self.output_size[0], scale, self.sampling_ratio, self.aligned)
         if self.aligned:
             return roi_align(feature, rois, self.output_size, scale, self.sampling_ratio, aligned=True)
+        if self.op is ps_roi_align and feature.dtype != rois.dtype:
+            # Under autocast: torchvision's ps_roi_align has no bfloat16 CPU kernel (it refuses
+            # maps and boxes of different dtypes), so it pools float32 maps.
+            with full_precision(feature):
+                return ps_roi_align(feature.float(), rois.float(), self.output_size, scale, self.sampling_ratio)
         return self.op(feature, rois, self.output_size, scale, self.sampling_ratio)
 
     def forward(self, feats: list[Tensor], boxes: list[Tensor]) -> Tensor:
@@ -300,5 +308,6 @@ class BoxPredictor(nn.Module):
         nn.init.zeros_(self.bbox_pred.bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        deltas = self.bbox_pred(x)
-        return self.cls_score(x), deltas.reshape(x.shape[0], -1, 4)
+        # float32 out whatever autocast ran in: softmax, box decoding and the losses stay float32.
+        deltas = self.bbox_pred(x).float()
+        return self.cls_score(x).float(), deltas.reshape(x.shape[0], -1, 4)

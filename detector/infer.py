@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from twopass.pipeline.settings import DETECT
 from twopass.pipeline.categories import Categories
 from twopass.pipeline.masks import paste_and_encode
+from twopass.pipeline.precision import autocast
 from twopass.pipeline.tables import detections_table, instances_table
 
 
@@ -138,9 +139,11 @@ def detect(
     with_masks: bool = False,
     image_ids: Sequence[int] | None = None,
     progress: Callable[[int], None] | None = None,
+    precision: str = "fp32",
 ) -> pa.Table:
     """Detections (or instances, with_masks) of every image of `image_set` (a
-    `pipeline.coco.ImageSet`) through every view. Labels map to COCO ids via `categories`."""
+    `pipeline.coco.ImageSet`) through every view. Labels map to COCO ids via `categories`.
+    `precision`: autocast of the forward passes (boxes, scores and masks come out float32)."""
     config = model.config
     views = list(views) if views else [View(config.input.test_size)]
     max_size = config.input.max_size
@@ -154,7 +157,9 @@ def detect(
             chunk = ids[start : start + batch]
             images = [image_set.read(i).to(device).float().div_(255.0) for i in chunk]
             for view in views:
-                for image_id, im, o in zip(chunk, images, predict(model, images, view, max_size)):
+                with autocast(device, precision):
+                    outputs = predict(model, images, view, max_size)
+                for image_id, im, o in zip(chunk, images, outputs):
                     n = len(o["boxes"])
                     if n == 0:
                         continue
@@ -164,7 +169,7 @@ def detect(
                     cols["boxes"].append(o["boxes"].float().cpu().numpy())
                     cols["source"].extend([view.source(model_name)] * n)
                     if with_masks:
-                        rles.extend(masks_to_rles(o["masks"], o["boxes"], tuple(im.shape[-2:])))
+                        rles.extend(masks_to_rles(o["masks"].float(), o["boxes"].float(), tuple(im.shape[-2:])))
             if progress is not None:
                 progress(min(start + batch, len(ids)))
     cat = lambda xs, dtype, shape: np.concatenate(xs).astype(dtype) if xs else np.zeros(shape, dtype)  # noqa: E731

@@ -92,11 +92,20 @@ class Detector(GeneralizedRCNN):
         self.config = config
 
 
+class FloatRPNHead(RPNHead):
+    """torchvision's RPNHead whose objectness and deltas come out float32 under autocast too,
+    so proposal scores, their top-k and NMS, decoding and the RPN losses run in float32."""
+
+    def forward(self, x: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
 def build_rpn(config: ModelConfig) -> RegionProposalNetwork:
     r = config.rpn
     sizes = r.anchors.level_sizes([2**l for l in config.levels])
     anchors = CachedAnchorGenerator(sizes=tuple(sizes), aspect_ratios=(tuple(r.anchors.aspect_ratios),) * len(sizes))
-    head = RPNHead(config.backbone.fpn_channels, anchors.num_anchors_per_location()[0], conv_depth=r.convs)
+    head = FloatRPNHead(config.backbone.fpn_channels, anchors.num_anchors_per_location()[0], conv_depth=r.convs)
     return RegionProposalNetwork(
         anchors,
         head,

@@ -219,12 +219,12 @@ class DetectorRoIHeads(RoIHeads):
         return self.mask_branch is not None or super().has_mask()
 
     def mask_logits(self, features: dict[str, Tensor], boxes: list[Tensor]) -> Tensor:
-        """Mask logits [R, K + 1, M, M] for boxes (input-batch pixels)."""
+        """Mask logits [R, K + 1, M, M] for boxes (input-batch pixels), float32 under autocast too."""
         feats = [features[n] for n in self.mask_feature_names]
         if self.mask_branch is not None:
-            return self.mask_branch(feats, boxes)
+            return self.mask_branch(feats, boxes).float()
         x = self.mask_roi_pool(feats, boxes)
-        return self.mask_predictor(self.mask_head(x))
+        return self.mask_predictor(self.mask_head(x)).float()
 
     def predict_masks(self, features: dict[str, Tensor], boxes: list[Tensor], labels: list[Tensor]) -> list[Tensor]:
         """Soft masks [R_i, 1, M, M] of each box's own class."""

@@ -103,7 +103,7 @@ def train_stage(run_dir: str | Path, kind: ModelKind, spec, data: DataConfig, de
     else:
         options = TrainOptions(out=out, iters=t.iters, batch=t.batch, lr=t.lr, device=device, resume=True,
                                checkpoint_every=t.checkpoint_every, seed=t.seed, progress=progress,
-                               time_budget_s=t.time_budget_s)  # fmt: skip
+                               time_budget_s=t.time_budget_s, precision=t.precision)  # fmt: skip
         cfg = kind.config(spec.model, f"{label(kind, spec)}: model")
         result = train_model(kind, cfg, data.train_ann, data.train_images, options, backbone_weights=t.backbone_weights)
         if result.checkpoint is None:
@@ -144,6 +144,7 @@ def detect_plan(run_dir, kind: ModelKind, spec: DetectorSpec, checkpoint: str | 
         views=[(v.scale, v.flip) for v in views],
         score_thresh=spec.score_thresh,
         max_per_image=spec.max_per_image,
+        **({"precision": spec.precision} if spec.precision != "fp32" else {}),  # fp32 keys as before the setting
         ids=list(map(int, ids)),
         images=images_digest(open_images(data), ids),
         device=device,

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from twopass.pipeline.categories import Categories
+from twopass.pipeline.precision import autocast, check_precision, grad_scaler
 
 from .backbone import convert_sync_batchnorm
 from .checkpoint import CheckpointError, last_meta, load_optimizer, load_weights, save_checkpoint, unwrap
@@ -51,6 +52,7 @@ class TrainOptions:
     sync_bn: bool = False  # convert trainable BatchNorm to synchronised BatchNorm under DDP
     stop_at: int | None = None  # stop after this iteration without saving, as a crash would
     time_budget_s: float | None = None  # stop (and save) once training has taken this long
+    precision: str | None = None  # fp32 | bf16 | fp16 (None: the config's train.precision)
 
 
 @dataclass
@@ -227,6 +229,9 @@ def train(
     ckpt_every = cfg.checkpoint_every if options.checkpoint_every is None else options.checkpoint_every
     val_every = cfg.val_every if options.val_every is None else options.val_every
     workers = cfg.num_workers if options.num_workers is None else options.num_workers
+    precision = options.precision or cfg.precision
+    check_precision(precision, di.device)
+    scaler = grad_scaler(di.device, precision)  # fp16 on CUDA only; else it passes through
 
     model.to(di.device)
     if di.world > 1 and options.sync_bn:
@@ -244,6 +249,8 @@ def train(
             categories.check_same(meta.categories, f"resume from {meta.path}")
             load_weights(model, meta)
             load_optimizer(optimizer, meta)
+            if meta.extra.get("grad_scaler"):
+                scaler.load_state_dict(meta.extra["grad_scaler"])
             start = meta.iteration
     if start >= options.iters:
         raise ValueError(f"{out}: already trained to iteration {start} of {options.iters}; raise --iters to continue")
@@ -265,7 +272,8 @@ def train(
     def checkpoint(it: int) -> Path | None:
         path = None
         if di.main:
-            path = save_checkpoint(out, model, kind=kind, config=config, categories=categories, iteration=it, optimizer=optimizer, extra={"seed": seed, "world": di.world})
+            path = save_checkpoint(out, model, kind=kind, config=config, categories=categories, iteration=it, optimizer=optimizer, extra={"seed": seed, "world": di.world, "precision": precision,
+                                   **({"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {})})  # fmt: skip
         di.barrier()
         return path
 
@@ -299,18 +307,21 @@ def train(
             lr = lr_at(it, options.iters, peak, cfg)
             for g in optimizer.param_groups:
                 g["lr"] = lr
-            losses = ddp(images, targets)
-            total = sum(losses.values())
+            with autocast(di.device, precision):
+                losses = ddp(images, targets)
+            total = sum(v.float() for v in losses.values())
             if not torch.isfinite(total):
                 raise FloatingPointError(
                     f"iteration {it + 1}: loss is {total.item()} ({ {k: round(v.item(), 4) for k, v in losses.items()} }); lower --lr or check the data"
                 )
             optimizer.zero_grad(set_to_none=True)
-            total.backward()
+            scaler.scale(total).backward()
             grad_norm = None
             if cfg.clip_grad_norm is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm))
-            optimizer.step()
+            scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
+            scaler.update()
             it += 1
             sec = time.perf_counter() - t0
             times.append(sec)

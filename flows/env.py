@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from twopass.pipeline.threads import set_wait_policy
+
 DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -12,21 +14,20 @@ DEFAULTS = {
 }
 
 
-def configure(run_dir: str | Path | None = None) -> dict[str, str]:
+def configure(run_dir: str | Path | None = None, parallel: bool = False) -> dict[str, str]:
     """Set this project's Prefect defaults where the user has not set them.
 
     With `run_dir` (the `twopass demo` and `twopass flow` commands) and no `PREFECT_HOME` and no
     `PREFECT_API_URL` (the embedded server), Prefect's home (its SQLite database, default local
     result storage) goes to `run_dir/prefect`, so a run leaves nothing outside its folder; and
-    `OMP_WAIT_POLICY=PASSIVE`: on a CPU shared with other work, OpenMP threads that spin while
-    waiting made torch 5x slower with 2 threads on 2 busy cores (passive: 1.3x faster than
-    1 thread). Returns the values now in effect. Must run before the first `import prefect` (and
-    `import torch`) of the process to take effect.
+    OpenMP's wait policy (`pipeline.cli.set_wait_policy`): PASSIVE when `parallel` (tasks that
+    run at once share the cores), else ACTIVE. Returns the values now in effect. Must run
+    before the first `import prefect` (and `import torch`) of the process to take effect.
     """
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
     if run_dir is not None:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        set_wait_policy(parallel)
     if run_dir is not None and not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_HOME", str((Path(run_dir) / "prefect").resolve()))
     if os.environ.get("PREFECT_HOME"):

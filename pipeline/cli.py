@@ -14,9 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-# OpenMP threads that spin while they wait took 4x longer per training step on a CPU shared
-# with other work (measured on a 2-core machine); set before any command imports torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from .threads import set_wait_policy
 
 app = typer.Typer(
     name="twopass",
@@ -28,6 +26,13 @@ app = typer.Typer(
 
 # Each stage package that has a `cli.py` with `register(app)` adds its commands here.
 PLUGINS = ("twopass.detector.cli", "twopass.ensemble.cli", "twopass.segmenter.cli", "twopass.flows.cli")
+
+
+@app.callback()
+def _root(ctx: typer.Context) -> None:
+    # The flow commands and the demo choose by their task runner (flows.env.configure).
+    if ctx.invoked_subcommand not in ("flow", "demo"):
+        set_wait_policy(parallel=False)
 
 
 def progress_bar():

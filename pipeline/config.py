@@ -37,7 +37,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .settings import DetectSettings, FuseSettings, SegmentSettings
+from .settings import DetectSettings, FuseSettings, Precision, SegmentSettings
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -81,6 +81,7 @@ class TrainSpec(_Strict):
     time_budget_s: float | None = Field(None, gt=0, description="Stop (and save) after this much training time.")
     checkpoint_every: int | None = Field(None, ge=1)
     backbone_weights: Path | None = Field(None, description="Local torchvision classification weights (never downloaded).")
+    precision: Precision | None = Field(None, description="fp32 | bf16 | fp16 (pipeline/precision.py); default: the model config's train.precision.")
 
 
 class TTAConfig(_Strict):
@@ -158,7 +159,8 @@ class PipelineConfig(_Strict):
         members: list[tuple[Literal["detector", "segmenter"], DetectorSpec]] = [("detector", d) for d in self.detectors]
         s = self.segmenter
         if s.own_boxes is not None:
-            spec = DetectorSpec(name=s.name, model=s.model, checkpoint=s.checkpoint, train=s.train, tta=s.own_boxes.tta, weight=s.own_boxes.weight)
+            spec = DetectorSpec(name=s.name, model=s.model, checkpoint=s.checkpoint, train=s.train, tta=s.own_boxes.tta,
+                                weight=s.own_boxes.weight, precision=s.precision)  # fmt: skip
             members.append(("segmenter", spec))
         return members
 

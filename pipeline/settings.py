@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 FuseMethod = Literal["wbf", "soft-nms", "nms"]
+# Mixed precision of a model's forward passes (pipeline/precision.py applies it).
+Precision = Literal["fp32", "bf16", "fp16"]
 ConfType = Literal["avg", "max", "box_and_model_avg", "absent_model_aware_avg"]
 
 # ensemble_boxes' defaults for each method.
@@ -30,6 +32,7 @@ class DetectSettings(_Strict):
     score_thresh: float = Field(0.001, ge=0, le=1, description="Keep detections scoring above this (COCO practice).")
     max_per_image: int = Field(100, ge=1, description="Detections kept per image and view.")
     batch: int = Field(2, ge=1, description="Images per forward pass.")
+    precision: Precision = Field("fp32", description="fp32 | bf16 | fp16: autocast of the forward passes (pipeline/precision.py).")
 
 
 class FuseSettings(_Strict):
@@ -65,6 +68,7 @@ class SegmentSettings(_Strict):
     skip_invalid: bool = Field(
         False, description="Drop (and count in the output's metadata) rows that cannot be segmented, instead of failing."
     )
+    precision: Precision = Field("fp32", description="fp32 | bf16 | fp16: autocast of the forward passes (pipeline/precision.py).")
 
 
 def help_of(settings: type[BaseModel], field: str) -> str:

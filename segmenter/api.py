@@ -16,6 +16,7 @@ from twopass.detector.api import LoadedModel, ModelKind, check_categories
 from twopass.detector.infer import View
 from twopass.pipeline.categories import CategoryMap
 from twopass.pipeline.coco import ImageSet
+from twopass.pipeline.precision import check_precision
 from twopass.pipeline.settings import SEGMENT, SegmentSettings
 from twopass.pipeline.tables import TableMeta, check_values, read_results, write_table
 
@@ -48,6 +49,7 @@ def segment_images(
     COCO results JSON `detections` holds, to category ids. Written to `out` when given; returns
     (instances, meta, report of skipped rows)."""
     check_categories(loaded, image_set)
+    check_precision(settings.precision, device)
     name = name or loaded.name
     # Unknown categories of a COCO results JSON are left to `segment`, which names the row or
     # skips it (settings.skip_invalid); a Parquet file's category list must be the model's.
@@ -67,7 +69,7 @@ def segment_images(
     with loaded.lock:
         instances, report = segment(
             loaded.model, loaded.meta.categories, image_set, table, views, mask_thresh=settings.mask_thresh,
-            skip_invalid=settings.skip_invalid, what=what, device=device, progress=progress,
+            skip_invalid=settings.skip_invalid, what=what, device=device, progress=progress, precision=settings.precision,
         )  # fmt: skip
     meta = TableMeta(
         kind="instances",
@@ -82,6 +84,7 @@ def segment_images(
             "views": [v.source(name) for v in views],
             "mask_thresh": settings.mask_thresh,
             "skipped": dict(report.skipped),
+            **({"precision": settings.precision} if settings.precision != "fp32" else {}),
             **(extra or {}),
         },
     )

@@ -33,6 +33,7 @@ def segment(
     tta_flip: Annotated[bool, typer.Option(help="Add a mirrored view of every scale.")] = False,
     mask_thresh: Annotated[float, typer.Option(help=help_of(SegmentSettings, "mask_thresh"))] = SEGMENT.mask_thresh,
     skip_invalid: Annotated[bool, typer.Option(help=help_of(SegmentSettings, "skip_invalid"))] = SEGMENT.skip_invalid,
+    precision: Annotated[str, typer.Option(help=help_of(SegmentSettings, "precision"))] = SEGMENT.precision,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     fast: Annotated[bool, typer.Option(help="Fold frozen BatchNorm into convolutions, channels-last on CPU.")] = True,
 ) -> None:
@@ -46,7 +47,8 @@ def segment(
 
     from .api import SEGMENTER, segment_images
 
-    settings = validate_mapping(SegmentSettings, dict(mask_thresh=mask_thresh, skip_invalid=skip_invalid), "twopass segment",
+    settings = validate_mapping(SegmentSettings, dict(mask_thresh=mask_thresh, skip_invalid=skip_invalid, precision=precision),
+                                "twopass segment",
                                 ValueError, "setting")  # fmt: skip
     scales = parse_scales(tta_scales)
     check_outputs({"--out": out, "--coco-json": coco_json}, {"--detections": detections, "--ann": ann, "--checkpoint": checkpoint,

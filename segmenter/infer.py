@@ -21,16 +21,18 @@ from twopass.detector.infer import View, inference_settings, make_view_image, to
 from twopass.pipeline.categories import Categories
 from twopass.pipeline.coco import ImageSet
 from twopass.pipeline.masks import paste_and_encode
+from twopass.pipeline.precision import autocast
 from twopass.pipeline.tables import boxes_of, empty_table, instances_table
 
 
 @torch.inference_mode()
-def mask_probs(model: nn.Module, image: Tensor, boxes: Tensor, labels: Tensor, views: Sequence[View]) -> Tensor:
+def mask_probs(model: nn.Module, image: Tensor, boxes: Tensor, labels: Tensor, views: Sequence[View], precision: str = "fp32") -> Tensor:
     """Averaged soft masks FloatTensor[N, M, M] of each box's own class, in each box's frame.
 
     image: FloatTensor[3, H, W] in [0, 1]; boxes: FloatTensor[N, 4] XYXY original pixels;
     labels: Int64Tensor[N] contiguous 1..K. `model` is a detector with a mask branch. Views
     resize and mirror the image exactly as the detector's test-time augmentation does.
+    `precision`: autocast of the backbone and the mask head (the probabilities are float32).
     """
     orig_hw = (image.shape[-2], image.shape[-1])
     max_size = model.config.input.max_size
@@ -38,10 +40,11 @@ def mask_probs(model: nn.Module, image: Tensor, boxes: Tensor, labels: Tensor, v
     with inference_settings(model, None, None):
         for v in views:
             view_image = make_view_image(image, v, max_size)
-            image_list, _ = model.transform([view_image])
-            features = model.backbone(image_list.tensors)
             b = to_view(boxes, orig_hw, tuple(view_image.shape[-2:]), v.flip)
-            logits = model.roi_heads.mask_logits(features, [b])
+            with autocast(image.device, precision):
+                image_list, _ = model.transform([view_image])
+                features = model.backbone(image_list.tensors)
+                logits = model.roi_heads.mask_logits(features, [b])
             p = logits[torch.arange(len(labels), device=logits.device), labels].sigmoid()
             if v.flip:
                 p = p.flip(-1)
@@ -105,6 +108,7 @@ def segment(
     what: str = "detections",
     device: str | torch.device = "cpu",
     progress: Callable[[int], None] | None = None,
+    precision: str = "fp32",
 ) -> tuple[pa.Table, SegmentReport]:
     """Instances table for `detections` (boxes in original pixels, COCO category ids).
 
@@ -129,7 +133,7 @@ def segment(
         image = image_set.read(image_id).to(device).float().div_(255.0)
         boxes = torch.from_numpy(boxes_of(rows)).to(device)
         labels = torch.from_numpy(categories.to_labels(rows.column("category_id").to_numpy())).to(device)
-        probs = mask_probs(model, image, boxes, labels, views)
+        probs = mask_probs(model, image, boxes, labels, views, precision)
         out_rles += paste_and_encode(probs, boxes, image_set.size(image_id), mask_thresh)
         out_det.append(rows)
         if progress is not None:

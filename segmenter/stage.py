@@ -29,6 +29,7 @@ def segment_plan(run_dir, spec: SegmenterSpec, checkpoint: str | Path, detection
         views=[(v.scale, v.flip) for v in views],
         mask_thresh=spec.mask_thresh,
         skip_invalid=spec.skip_invalid,
+        **({"precision": spec.precision} if spec.precision != "fp32" else {}),  # fp32 keys as before the setting
         ids=list(map(int, ids)),
         images=images_digest(open_images(data), ids),
         device=device,
