@@ -67,8 +67,9 @@ def fuse_files(
     category_map: str | Path | None = None,
 ) -> tuple[pa.Table, TableMeta]:
     """Fuse the rows of every input (a file or a table; of `image_ids` only, when given) per image and
-    category: one fusion member per (file, source). `image_sizes` ({id: (h, w)} or an images
-    table) normalise and clip the boxes; without them each image's box extent stands in.
+    category (per image with `settings.labels="vote"`): one fusion member per (file, source).
+    `image_sizes` ({id: (h, w)} or an images table) normalise and clip the boxes; without them
+    each image's box extent stands in.
     `weights`: one per input file (its sources share it); None: 1.0 each. `categories`: the
     dataset's list, which every input must use (`dataset` names it). `category_map`: a map file
     from another tool's class indices to category ids, for the COCO results JSON inputs

@@ -60,16 +60,18 @@ def register(app: typer.Typer) -> None:
             Optional[Path], typer.Option(help="Image sizes: COCO annotations JSON or images table. Default: box extents.")
         ] = None,
         max_per_image: Annotated[int, typer.Option(help=help_of(FuseSettings, "max_per_image"))] = FUSE.max_per_image,
+        labels: Annotated[str, typer.Option(help=help_of(FuseSettings, "labels"))] = FUSE.labels,
         source: Annotated[Optional[str], typer.Option(help="`source` of the output rows (default: method:a+b+...).")] = None,
         category_map: Annotated[
             Optional[Path], typer.Option(help="JSON or YAML map from another tool's class indices to category ids (or names), "
                                               "for the COCO results JSON inputs; see the README.")
         ] = None,
     ) -> None:
-        """Fuse detections of several models and test-time views: WBF, Soft-NMS or NMS per image and category."""
+        """Fuse detections of several models and test-time views: WBF, Soft-NMS or NMS per image and category (--labels vote: across them)."""
         # Not validated here: `ensemble.fuse` checks every value and names it.
         settings = FuseSettings.model_construct(method=method, iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type,
-                                                sigma=sigma, decay=decay, thresh=thresh, rescore=rescore, max_per_image=max_per_image)  # fmt: skip
+                                                sigma=sigma, decay=decay, thresh=thresh, rescore=rescore, max_per_image=max_per_image,
+                                                labels=labels)  # fmt: skip
         try:
             _fuse(inputs, out, weights, images, source, settings, category_map)
         except (ValueError, OSError) as e:

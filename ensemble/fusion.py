@@ -174,7 +174,8 @@ def _group_sizes(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Result:
-    """Fused boxes, grouped by (image, label) ascending, each group in the algorithm's order.
+    """Fused boxes, grouped by (image, label) ascending (by image alone when fused across
+    labels, `by_label=False`), each group in the algorithm's order.
 
     boxes: (K, 4) float64 normalised; scores: (K,); labels: (K,) int64; image: (K,) int64;
     scale: (K, 4) to go back to pixels.
@@ -190,6 +191,11 @@ class Result:
         return self.boxes * self.scale
 
 
+def _groups(flat: Flat, by_label: bool) -> np.ndarray:
+    """The label each box is grouped by: its own, or one for all (fusion across labels)."""
+    return flat.labels if by_label else np.zeros_like(flat.labels)
+
+
 def _weighted_nms_scores(flat: Flat, weights: np.ndarray | None) -> np.ndarray:
     if weights is None:
         return flat.scores
@@ -197,13 +203,16 @@ def _weighted_nms_scores(flat: Flat, weights: np.ndarray | None) -> np.ndarray:
 
 
 def run_soft_nms(
-    flat: Flat, weights: np.ndarray | None, linear: bool, iou_thr: float, sigma: float, thresh: float, rescore: bool
+    flat: Flat, weights: np.ndarray | None, linear: bool, iou_thr: float, sigma: float, thresh: float, rescore: bool,
+    by_label: bool = True,
 ) -> Result:
+    """`by_label=False`: a box decays the boxes of every label (class-agnostic); each keeps its label."""
     scores = _weighted_nms_scores(flat, weights)
     boxes, keep = clean_boxes(flat.boxes)
+    group = _groups(flat, by_label)
     rows = np.flatnonzero(keep)
-    rows = rows[np.lexsort((flat.labels[rows], flat.image[rows]))]  # stable: model order inside a group
-    sizes = _group_sizes(flat.image[rows], flat.labels[rows])
+    rows = rows[np.lexsort((group[rows], flat.image[rows]))]  # stable: model order inside a group
+    sizes = _group_sizes(flat.image[rows], group[rows])
     order, decayed = _core.soft_nms_groups(boxes[rows], scores[rows], sizes, linear, iou_thr, sigma)
     kept = decayed > thresh
     out = rows[order][kept]
@@ -216,12 +225,14 @@ def run_soft_nms(
     )
 
 
-def run_nms(flat: Flat, weights: np.ndarray | None, iou_thr: float) -> Result:
+def run_nms(flat: Flat, weights: np.ndarray | None, iou_thr: float, by_label: bool = True) -> Result:
+    """`by_label=False`: a kept box suppresses boxes of every label (class-agnostic NMS); it keeps its label."""
     scores = _weighted_nms_scores(flat, weights)
     boxes, keep = clean_boxes(flat.boxes)
+    group = _groups(flat, by_label)
     rows = np.flatnonzero(keep)
-    rows = rows[_sorted_like_reference(scores[rows], flat.image[rows], flat.labels[rows], _numba_argsort)]
-    sizes = _group_sizes(flat.image[rows], flat.labels[rows])
+    rows = rows[_sorted_like_reference(scores[rows], flat.image[rows], group[rows], _numba_argsort)]
+    sizes = _group_sizes(flat.image[rows], group[rows])
     out = rows[_core.nms_groups(boxes[rows], sizes, iou_thr)]
     return Result(boxes[out], scores[out], flat.labels[out], flat.image[out], flat.scale[out])
 
@@ -269,17 +280,22 @@ def run_wbf(
     skip_box_thr: float,
     conf_type: str,
     allows_overflow: bool,
+    by_label: bool = True,
 ) -> Result:
+    """`by_label=False`: boxes of all labels cluster together, as if they had one label; a
+    fused box takes the label whose boxes in its cluster have the largest summed score x
+    model weight (ties: the smaller label)."""
     weights = np.ones(flat.n_models) if weights is None else weights
     boxes, keep = clean_boxes(flat.boxes)
     keep &= ~(flat.scores < skip_box_thr)
+    group = _groups(flat, by_label)
     rows = np.flatnonzero(keep)
     s = flat.scores[rows] * weights[flat.model[rows]]  # prefilter_boxes: score * weight
-    order = _sorted_like_reference(s, flat.image[rows], flat.labels[rows], np.argsort)
+    order = _sorted_like_reference(s, flat.image[rows], group[rows], np.argsort)
     rows, s = rows[order], s[order]
     model = flat.model[rows]
     w = weights[model]
-    sizes = _group_sizes(flat.image[rows], flat.labels[rows])
+    sizes = _group_sizes(flat.image[rows], group[rows])
     cluster, fused, conf = _core.wbf_groups(boxes[rows], s, sizes, iou_thr)
 
     # Cluster c of the group starting at row r is stored at row r + c.
@@ -316,8 +332,20 @@ def run_wbf(
     else:
         score = score * count / weights.sum()
 
-    src = rows[first]  # label, image and scale of a cluster are those of its members
-    return Result(fused, score, flat.labels[src], flat.image[src], flat.scale[src])
+    src = rows[first]  # image and scale of a cluster are those of its members; so is the label, by label
+    labels = flat.labels[src] if by_label else _vote(cid, flat.labels[rows], s)
+    return Result(fused, score, labels, flat.image[src], flat.scale[src])
+
+
+def _vote(cid: np.ndarray, labels: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Per cluster (ascending cluster id), the label with the largest sum of `s` (score x
+    model weight) over its boxes in the cluster; ties: the smaller label."""
+    uniq, li = np.unique(labels, return_inverse=True)
+    pair, inv = np.unique(cid * len(uniq) + li, return_inverse=True)  # (cluster, label) pairs, cluster ascending
+    total = np.bincount(inv, weights=s)
+    pair_cid, pair_label = pair // len(uniq), uniq[pair % len(uniq)]
+    best = np.lexsort((pair_label, -total, pair_cid))  # each cluster's winner first
+    return pair_label[best[np.flatnonzero(np.diff(pair_cid[best], prepend=-1))]]
 
 
 # --------------------------------------------------------------------------- reference

@@ -13,6 +13,7 @@ from twopass.pipeline.tables import DETECTIONS_SCHEMA, boxes_of, check_values, d
 from . import fusion
 
 METHODS = ("wbf", "soft-nms", "nms")
+LABELS = ("per_label", "vote")
 
 
 def _members(tables: Sequence[pa.Table]) -> tuple[list[str], list[np.ndarray]]:
@@ -94,6 +95,7 @@ def fuse(
     thresh: float = FUSE.thresh,
     rescore: bool | None = FUSE.rescore,
     max_per_image: int | None = FUSE.max_per_image,
+    labels: Literal["per_label", "vote"] = FUSE.labels,
     source: str | None = None,
     backend: fusion.Backend = "vectorised",
 ) -> pa.Table:
@@ -108,9 +110,18 @@ def fuse(
     stands in, so boxes are not clipped at the right and bottom. `names` name the tables
     in error messages (file names). Returns at most `max_per_image` boxes an image, image_id
     ascending then score descending, labels kept, `source` = `source` or "<method>:<a>+<b>...".
+
+    `labels="vote"` fuses the boxes of all categories of an image together, so that one object
+    labelled differently by two members gives one box: WBF's fused box takes the category with
+    the largest summed score x weight among its boxes (ties: the smaller id); Soft-NMS and NMS
+    become class-agnostic (a box decays or suppresses boxes of any category) and a kept box
+    keeps its own category.
     """
     if method not in METHODS:
         raise ValueError(f"method: {method!r}, expected one of {METHODS}")
+    if labels not in LABELS:
+        raise ValueError(f"labels: {labels!r}, expected one of {LABELS}")
+    by_label = labels == "per_label"  # `labels` names the input's category ids below
     if not tables:
         raise ValueError("fuse: no input tables")
     names = list(names) if names is not None else [f"tables[{i}]" for i in range(len(tables))]
@@ -130,6 +141,8 @@ def fuse(
         raise ValueError(f"sigma: {sigma} must be > 0")
     if rescore and backend == "ensemble_boxes":
         raise ValueError("rescore: ensemble_boxes returns input scores only; use backend='vectorised'")
+    if not by_label and backend == "ensemble_boxes":
+        raise ValueError("labels: ensemble_boxes fuses per label only; use backend='vectorised' for 'vote'")
 
     checked = []
     for t, name in zip(tables, names):
@@ -160,6 +173,7 @@ def fuse(
     params = dict(
         method=method, weights=member_weights, iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type,
         allows_overflow=allows_overflow, linear=decay == "linear", sigma=sigma, thresh=thresh, rescore=rescore,
+        by_label=by_label,
     )  # fmt: skip
     if backend == "vectorised":
         result = _run(flat, **params)
@@ -184,11 +198,12 @@ def fuse(
 
 
 def _run(flat: fusion.Flat, method: str, weights: np.ndarray | None, **p: Any) -> fusion.Result:
+    by_label = p["by_label"]
     if method == "wbf":
-        return fusion.run_wbf(flat, weights, p["iou_thr"], p["skip_box_thr"], p["conf_type"], p["allows_overflow"])
+        return fusion.run_wbf(flat, weights, p["iou_thr"], p["skip_box_thr"], p["conf_type"], p["allows_overflow"], by_label)
     if method == "soft-nms":
-        return fusion.run_soft_nms(flat, weights, p["linear"], p["iou_thr"], p["sigma"], p["thresh"], p["rescore"])
-    return fusion.run_nms(flat, weights, p["iou_thr"])
+        return fusion.run_soft_nms(flat, weights, p["linear"], p["iou_thr"], p["sigma"], p["thresh"], p["rescore"], by_label)
+    return fusion.run_nms(flat, weights, p["iou_thr"], by_label)
 
 
 def _run_reference(flat: fusion.Flat, method: str, weights: np.ndarray | None, **p: Any) -> fusion.Result:

@@ -49,11 +49,19 @@ class FuseSettings(_Strict):
         None, description="soft-nms: write the decayed scores (Bodla et al.), not the input scores. Default: true for soft-nms."
     )
     max_per_image: int = Field(100, ge=1, description="Keep the best N boxes an image.")
+    labels: Literal["per_label", "vote"] = Field(
+        "per_label",
+        description="per_label: fuse each category apart (ensemble_boxes' way); vote: fuse boxes of all categories together, "
+        "each fused box taking the category with the largest summed score (times model weight) among the boxes it fused",
+    )
 
     def resolved(self) -> dict[str, Any]:
         """Every setting with the method-dependent defaults filled in (hashable, and what
-        `ensemble.fuse` receives)."""
+        `ensemble.fuse` receives). `labels` only when not per_label: the stages' content keys
+        and the fused files' metadata stay those of the runs made before the setting."""
         out = self.model_dump()
+        if out["labels"] == "per_label":
+            del out["labels"]
         if out["iou_thr"] is None:
             out["iou_thr"] = DEFAULT_IOU_THR.get(self.method)  # an unknown method is named by `ensemble.fuse`
         if out["rescore"] is None:

@@ -16,6 +16,10 @@ from .categories import Categories
 from .coco import CocoIndex, ImageSet, annotation_mask
 from .tables import boxes_of, rles_of
 
+# Result boxes of different categories overlapping at least this much are taken for one object
+# in the pictures (fusion per category leaves one box per label the members gave an object).
+ONE_BOX_IOU = 0.7
+
 
 def category_color(category_id: int) -> tuple[int, int, int]:
     """A fixed, well-spread colour for a COCO category id (golden-ratio hue steps)."""
@@ -69,6 +73,25 @@ def _panel(title: str, im: Image.Image) -> Image.Image:
     return out
 
 
+def keep_one_box_per_object(
+    boxes: np.ndarray, category_ids: Sequence[int], scores: Sequence[float], iou_thr: float = ONE_BOX_IOU
+) -> np.ndarray:
+    """(N,) bool: the boxes to draw. By score descending, a box is dropped when its IoU with a
+    higher-scoring box already kept, of another category, is >= `iou_thr`; boxes of one
+    category are left as they are (what the results hold)."""
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    cats = np.asarray(category_ids).reshape(-1)
+    lo, hi = np.maximum(b[:, None, :2], b[None, :, :2]), np.minimum(b[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(hi - lo, 0, None), axis=2)
+    area = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
+    union = area[:, None] + area[None, :] - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    keep = np.zeros(len(b), dtype=bool)
+    for i in np.argsort(-np.asarray(scores, np.float64).reshape(-1), kind="stable"):  # a picture's boxes: a few dozen
+        keep[i] = not (keep & (cats != cats[i]) & (iou[i] >= iou_thr)).any()
+    return keep
+
+
 def best_per_image(table: pa.Table, k: int) -> pa.Table:
     """The k best-scoring rows of each image (pictures of low-scoring results stay readable)."""
     if table.num_rows == 0:
@@ -86,8 +109,12 @@ def render_image(
     categories: Categories,
     panels: Sequence[tuple[str, pa.Table | list[dict]]],
     score_thresh: float = 0.3,
+    one_box_per_object: bool = True,
 ) -> Image.Image:
-    """Side-by-side panels for one image. Each panel: (title, results table or GT annotation list)."""
+    """Side-by-side panels for one image. Each panel: (title, results table or GT annotation list).
+
+    `one_box_per_object`: a result box overlapping a better one of another category
+    (`keep_one_box_per_object`) is not drawn, so an object shows one box."""
     img = image_set.read(image_id).permute(1, 2, 0).numpy()
     scale = max(1, 512 // max(img.shape[:2]))
     out = []
@@ -100,6 +127,9 @@ def render_image(
             pic = draw_instances(img, boxes, [a["category_id"] for a in data], categories, None, masks or None, scale=scale)
         else:
             rows = data.filter(pc.and_(pc.equal(data["image_id"], image_id), pc.greater_equal(data["score"], score_thresh)))
+            if one_box_per_object and rows.num_rows > 1:
+                cats, scores = rows.column("category_id").to_numpy(), rows.column("score").to_numpy()
+                rows = rows.filter(pa.array(keep_one_box_per_object(boxes_of(rows), cats, scores)))
             masks = [mask_utils.decode(r) for r in rles_of(rows)] if "mask_counts" in rows.column_names else None
             pic = draw_instances(
                 img,
@@ -128,8 +158,10 @@ def show(
     image_ids: Sequence[int] | None = None,
     max_images: int = 8,
     score_thresh: float = 0.3,
+    one_box_per_object: bool = True,
 ) -> list[Path]:
-    """Write `out_dir/<image_id>.png` per image: ground truth (if `gt`) beside each named results table."""
+    """Write `out_dir/<image_id>.png` per image: ground truth (if `gt`) beside each named results
+    table; `one_box_per_object` as `render_image`."""
     ids = list(image_ids) if image_ids else image_set.image_ids[:max_images]
     panels: list = list(results)
     if not panels and gt is None:
@@ -140,6 +172,6 @@ def show(
     for iid in ids:
         gt_panel = [("ground truth", gt.anns_by_image.get(iid, []))] if gt is not None else []
         path = out_dir / f"{iid}.png"
-        render_image(image_set, iid, categories, gt_panel + panels, score_thresh).save(path)
+        render_image(image_set, iid, categories, gt_panel + panels, score_thresh, one_box_per_object).save(path)
         written.append(path)
     return written

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pyarrow as pa
@@ -313,3 +314,144 @@ def test_project_cli_has_fuse():
 
     r = CliRunner().invoke(app, ["fuse", "--help"])
     assert r.exit_code == 0 and "--weights" in r.output
+
+
+# --------------------------------------------------------------------------- labels: vote
+
+# One object seen by two models with different labels (pixels of a 100 x 100 image).
+OBJECT = np.array([[10.0, 10.0, 50.0, 50.0], [12.0, 11.0, 52.0, 49.0]])
+
+
+def one_object(labels, scores, boxes=OBJECT, image_id=1) -> list[pa.Table]:
+    """One table a member: member k's box k with labels[k] and scores[k]."""
+    return [detections_table([image_id], [lab], [s], boxes[k : k + 1], f"m{k}") for k, (lab, s) in enumerate(zip(labels, scores))]
+
+
+def test_wbf_vote_gives_one_box_with_the_winning_label():
+    import ensemble_boxes
+
+    tables = one_object([1, 2], [0.6, 0.8])
+    per_label = fuse(tables, "wbf", image_sizes={1: (100.0, 100.0)})
+    assert sorted(per_label.column("category_id").to_pylist()) == [1, 2]  # two boxes on one object
+    vote = fuse(tables, "wbf", labels="vote", image_sizes={1: (100.0, 100.0)})
+    assert vote.num_rows == 1 and vote.column("category_id").to_pylist() == [2]  # 0.8 > 0.6
+    # Coordinates and score: the reference's WBF with both labels set equal.
+    b, s, _ = ensemble_boxes.weighted_boxes_fusion([OBJECT[:1] / 100, OBJECT[1:] / 100], [[0.6], [0.8]], [[0], [0]])
+    np.testing.assert_allclose(boxes_of(vote), b * 100, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(vote.column("score").to_numpy(), s, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "labels, scores, weights, expected",
+    [
+        ([1, 2], [0.8, 0.6], None, 1),  # 0.8 > 0.6
+        ([1, 2], [0.8, 0.6], [1, 2], 2),  # weight x score: 0.6 x 2 = 1.2 > 0.8
+        ([1, 2, 2], [0.9, 0.6, 0.5], None, 2),  # summed: 0.6 + 0.5 = 1.1 > 0.9, though the best box says 1
+        ([2, 1], [0.5, 0.5], None, 1),  # a tie: the smaller label
+    ],
+)
+def test_wbf_vote_sums_score_times_weight_per_label(labels, scores, weights, expected):
+    boxes = np.array([[10.0, 10.0, 50.0, 50.0], [12.0, 11.0, 52.0, 49.0], [11.0, 9.0, 51.0, 51.0]])
+    vote = fuse(one_object(labels, scores, boxes), "wbf", weights, labels="vote", image_sizes={1: (100.0, 100.0)})
+    assert vote.column("category_id").to_pylist() == [expected]
+
+
+def test_vote_keeps_objects_and_images_apart():
+    """Vote clusters across labels only: other objects and other images keep their boxes and
+    labels. (Soft-NMS keeps the decayed box too: the next test.)"""
+    far = np.array([[70.0, 70.0, 90.0, 90.0]])
+    tables = one_object([1, 2], [0.6, 0.8]) + [
+        detections_table([1], [3], [0.7], far, "m2"),  # another object of the same image
+        detections_table([2], [1], [0.5], OBJECT[:1], "m3"),  # the same box on another image
+    ]
+    sizes = {1: (100.0, 100.0), 2: (100.0, 100.0)}
+    for method in ("wbf", "nms"):
+        vote = fuse(tables, method, labels="vote", image_sizes=sizes)
+        rows = list(zip(vote.column("image_id").to_pylist(), vote.column("category_id").to_pylist()))
+        assert rows == [(1, 2), (1, 3), (2, 1)], method
+
+
+@pytest.mark.parametrize(
+    "method, params",
+    [
+        ("wbf", {}),
+        ("wbf", dict(conf_type="box_and_model_avg", weights=[2, 1, 1], iou_thr=0.6)),
+        ("soft-nms", dict(rescore=False)),
+        ("soft-nms", dict(decay="linear", weights=[1, 2, 1], thresh=0.1, rescore=False)),
+        ("nms", dict(iou_thr=0.4)),
+    ],
+)
+def test_vote_fuses_as_the_reference_with_one_label(method, params):
+    """Boxes and scores of `labels="vote"` are ensemble_boxes' with every label set equal."""
+    tables = model_tables()
+    one = [t.set_column(t.schema.get_field_index("category_id"), "category_id", pa.array(np.ones(t.num_rows, np.int64)))
+           for t in tables]  # fmt: skip
+    kwargs = dict(image_sizes=SIZES, max_per_image=None, **params)
+    vote = fuse(tables, method, labels="vote", **kwargs)
+    ref = fuse(one, method, backend="ensemble_boxes", **kwargs)
+    per_label = fuse(tables, method, **kwargs)
+    assert 0 < vote.num_rows < per_label.num_rows
+    ca, cb = columns(vote), columns(ref)
+    np.testing.assert_array_equal(ca["image_id"], cb["image_id"])
+    for c in ("score", "x1", "y1", "x2", "y2"):
+        np.testing.assert_allclose(ca[c], cb[c], rtol=0, atol=1e-4)
+    # Labels are the inputs' own: every output category is an input category of its image.
+    cats_in = {pair for t in tables for pair in zip(t.column("image_id").to_pylist(), t.column("category_id").to_pylist())}
+    assert set(zip(ca["image_id"].tolist(), ca["category_id"].tolist())) <= cats_in
+    assert len(set(ca["category_id"].tolist())) > 1
+
+
+# A 64 x 64 image: the boxes' IoU is 40 / 64 = 0.625 exactly once normalised.
+SQUARE, LOWER = np.array([[0.0, 0.0, 8.0, 8.0]]), np.array([[0.0, 0.0, 8.0, 5.0]])
+
+
+def test_nms_and_soft_nms_vote_suppress_across_labels():
+    tables = [detections_table([1], [1], [0.9], SQUARE, "a"), detections_table([1], [2], [0.6], LOWER, "b")]
+    sizes, iou = {1: (64.0, 64.0)}, 0.625
+
+    def rows(t):
+        return list(zip(t.column("category_id").to_pylist(), t.column("score").to_numpy().tolist()))
+
+    # Per label the two boxes do not meet; voting, NMS keeps the better box with its own label.
+    assert [c for c, _ in rows(fuse(tables, "nms", image_sizes=sizes))] == [1, 2]
+    assert rows(fuse(tables, "nms", labels="vote", image_sizes=sizes)) == [(1, pytest.approx(0.9))]
+    # Soft-NMS decays the label-2 box by its IoU with the label-1 box, whose label it does not take.
+    assert rows(fuse(tables, "soft-nms", image_sizes=sizes)) == [(1, pytest.approx(0.9)), (2, pytest.approx(0.6))]
+    gauss = rows(fuse(tables, "soft-nms", labels="vote", image_sizes=sizes))
+    assert gauss == [(1, pytest.approx(0.9)), (2, pytest.approx(0.6 * math.exp(-(iou**2) / 0.5), rel=1e-6))]
+    linear = rows(fuse(tables, "soft-nms", labels="vote", decay="linear", image_sizes=sizes))
+    assert linear == [(1, pytest.approx(0.9)), (2, pytest.approx(0.6 * (1 - iou), rel=1e-6))]
+
+
+def test_per_label_is_the_default_and_keys_stay():
+    from twopass.ensemble.api import fuse_files
+    from twopass.pipeline.settings import FuseSettings
+
+    tables = model_tables()
+    for method in ("wbf", "soft-nms", "nms"):
+        assert_tables_equal(fuse(tables, method), fuse(tables, method, labels="per_label"), tol=0)
+    # Settings made before `labels` existed resolve (content keys, metadata) as they did.
+    assert "labels" not in FuseSettings().resolved() and "labels" not in FuseSettings(labels="per_label").resolved()
+    assert FuseSettings(labels="vote").resolved()["labels"] == "vote"
+    fused, meta = fuse_files(tables, FuseSettings(labels="vote"), image_sizes=SIZES)
+    assert meta.config["labels"] == "vote"
+    assert_tables_equal(fused, fuse(tables, labels="vote", image_sizes=SIZES), tol=0)
+    with pytest.raises(ValueError, match=r"labels: 'agnostic', expected one of \('per_label', 'vote'\)"):
+        fuse(tables, labels="agnostic")
+    with pytest.raises(ValueError, match="labels: ensemble_boxes fuses per label only"):
+        fuse(tables, labels="vote", backend="ensemble_boxes")
+
+
+def test_cli_labels(tmp_path, cli):
+    tables = model_tables()
+    paths = write_inputs(tmp_path, tables)
+    out = tmp_path / "f.parquet"
+    r = cli("fuse", *paths, "--method", "nms", "--labels", "vote", "--out", out)
+    assert r.exit_code == 0, r.output
+    table, meta = read_table(out, "detections")
+    assert meta.config["labels"] == "vote"
+    assert_tables_equal(table, fuse(tables, "nms", labels="vote"), tol=0)
+    assert table.num_rows < fuse(tables, "nms").num_rows
+    msg = error_of(cli("fuse", *paths, "--labels", "agnostic", "--out", tmp_path / "g.parquet"))
+    assert msg == "twopass: error: labels: 'agnostic', expected one of ('per_label', 'vote')"
+    assert "--labels" in cli("fuse", "--help").output
