@@ -13,9 +13,13 @@ The two sides alternate, round after round; median and minimum of each are repor
 achieved GFLOP/s of our model (FLOPs counted by torch.utils.flop_counter over one forward,
 divided by our median latency) against a plain float32 matmul's GFLOP/s on the same threads.
 
+A third side runs ours under bf16 autocast (`--precision bf16`), in the same rounds; it gains
+only on a CPU with native bfloat16 (AVX512-BF16 or AMX), and the first line says whether this
+one has it. (The AP change of bf16 inference on trained models: benchmarks/precision.py.)
+
     python benchmarks/detector_speed.py [--rounds 5] [--threads 2]
 
-Last line: latency_ratio=<ours / torchvision> gflops_fraction=<model / matmul>
+Last line: latency_ratio=<ours / torchvision> gflops_fraction=<model / matmul> bf16_latency_ratio=<ours bf16 / torchvision fp32>
 The machine is shared: the sides alternate so both see the same load, but absolute times move.
 """
 
@@ -37,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from twopass.detector.config import load_config  # noqa: E402
 from twopass.detector.model import build_detector  # noqa: E402
 from twopass.detector.speed import optimize_for_inference  # noqa: E402
+from twopass.pipeline.precision import autocast, cpu_bf16_native  # noqa: E402
 
 H, W = 800, 1216
 
@@ -89,18 +94,26 @@ def main() -> None:
         flops = fc.get_total_flops()
         optimize_for_inference(ours)
 
-        print(f"input 1x3x{H}x{W}, threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+        print(f"input 1x3x{H}x{W}, threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
+              f"CPU native bf16: {cpu_bf16_native()}")
         print(f"proposals a side: torchvision {tv.rpn.post_nms_top_n()}, ours {ours.rpn.post_nms_top_n()}; "
               f"detections at most {tv.roi_heads.detections_per_img} / {ours.roi_heads.detections_per_img}")
-        t_tv, t_ours = [], []
-        for r in range(args.rounds + 1):  # round 0 warms both up
+        t_tv, t_ours, t_bf16 = [], [], []
+
+        def bf16():
+            with autocast("cpu", "bf16"):
+                return ours(x)
+
+        for r in range(args.rounds + 1):  # round 0 warms them up
             a = _timed(lambda: tv(x))
             b = _timed(lambda: ours(x))
+            c = _timed(bf16)
             if r > 0:
                 t_tv.append(a)
                 t_ours.append(b)
-            print(f"  round {r}: torchvision {a:.3f} s, ours {b:.3f} s, ratio {b / a:.3f}", flush=True)
-        out_tv, out_ours = tv(x)[0], ours(x)[0]
+                t_bf16.append(c)
+            print(f"  round {r}: torchvision {a:.3f} s, ours {b:.3f} s, ratio {b / a:.3f}; ours bf16 {c:.3f} s", flush=True)
+        out_tv, out_ours, out_bf16 = tv(x)[0], ours(x)[0], bf16()[0]
     n_tv, n_ours = len(out_tv["boxes"]), len(out_ours["boxes"])
     same = n_tv == n_ours and torch.allclose(out_tv["boxes"], out_ours["boxes"], atol=0.5) and torch.equal(out_tv["labels"], out_ours["labels"])
     diff = (out_tv["boxes"] - out_ours["boxes"]).abs().max().item() if n_tv == n_ours and n_tv else float("nan")
@@ -109,10 +122,15 @@ def main() -> None:
     print(f"torchvision fasterrcnn_resnet50_fpn: median {med_tv:.3f} s, min {min(t_tv):.3f} s")
     print(f"ours ({cfg.name}, folded BN, channels-last): median {med_ours:.3f} s, min {min(t_ours):.3f} s")
     print(f"ratio ours/torchvision: median {med_ours / med_tv:.3f}, min-to-min {min(t_ours) / min(t_tv):.3f}")
+    med_bf16 = statistics.median(t_bf16)
+    k = min(len(out_bf16["boxes"]), n_ours, 10)
+    top = (out_bf16["scores"][:k] - out_ours["scores"][:k]).abs().max().item() if k else float("nan")
+    print(f"ours bf16 autocast: median {med_bf16:.3f} s, min {min(t_bf16):.3f} s; ratio to torchvision fp32 {med_bf16 / med_tv:.3f}, "
+          f"to ours fp32 {med_bf16 / med_ours:.3f}; {len(out_bf16['boxes'])} detections, top-{k} scores within {top:.1e} of fp32")
     model_gflops = flops / med_ours / 1e9
     mm = matmul_gflops()
     print(f"model: {flops / 1e9:.1f} GFLOP a forward, {model_gflops:.1f} GFLOP/s achieved; plain 2048^2 matmul: {mm:.1f} GFLOP/s")
-    print(f"latency_ratio={med_ours / med_tv:.3f} gflops_fraction={model_gflops / mm:.3f}")
+    print(f"latency_ratio={med_ours / med_tv:.3f} gflops_fraction={model_gflops / mm:.3f} bf16_latency_ratio={med_bf16 / med_tv:.3f}")
 
 
 if __name__ == "__main__":

@@ -8,9 +8,12 @@ one 800 x 1216 image:
       runs on 100 boxes, and its masks pasted and encoded the same way)
       vs our `resnet50` standard-head segmenter's pass on 100 given boxes (`segmenter.infer`).
 
+Then (c) ours again under bf16 autocast beside ours in fp32 (gains only where the CPU has
+native bfloat16), with the largest mask-probability difference.
+
     python benchmarks/segment_speed.py [--repeats 5]
 
-Last line: paste_speedup=<x> segment_pass_ratio=<ours / torchvision>
+Last line: paste_speedup=<x> segment_pass_ratio=<ours / torchvision> bf16_segment_pass_ratio=<ours bf16 / torchvision fp32>
 """
 
 from __future__ import annotations
@@ -92,8 +95,8 @@ def main() -> None:
         m = out["masks"][:, 0] > 0.5  # torchvision already pasted into the full image
         return mask_utils.encode(np.asfortranarray(m.permute(1, 2, 0).numpy().astype(np.uint8)))
 
-    def run_ours():
-        p = mask_probs(ours, image, boxes, labels, [View(H)])
+    def run_ours(precision: str = "fp32"):
+        p = mask_probs(ours, image, boxes, labels, [View(H)], precision)
         return paste_and_encode(p, boxes, (H, W))
 
     run_tv(), run_ours()  # warm-up: allocator, lazy inits
@@ -104,7 +107,16 @@ def main() -> None:
     print(fmt("torchvision maskrcnn_resnet50_fpn + encode", tb_tv))
     print(fmt("ours r50 standard head on given boxes", tb_ours))
     print(f"    ratio ours/torchvision median {ratio:.3f}, min {min(tb_ours) / min(tb_tv):.3f}")
-    print(f"paste_speedup={paste_speedup:.2f} segment_pass_ratio={ratio:.3f}")
+    run_ours("bf16")
+    tc_ours, tc_bf16 = alternate(run_ours, lambda: run_ours("bf16"), args.repeats)
+    diff = (mask_probs(ours, image, boxes, labels, [View(H)], "bf16") - mask_probs(ours, image, boxes, labels, [View(H)])).abs().max().item()
+    bf16_ratio = statistics.median(tc_bf16) / statistics.median(tb_tv)
+    print("(c) ours in bf16 autocast against fp32")
+    print(fmt("ours fp32", tc_ours))
+    print(fmt("ours bf16", tc_bf16))
+    print(f"    bf16/fp32 median {statistics.median(tc_bf16) / statistics.median(tc_ours):.3f}; bf16 / torchvision fp32 {bf16_ratio:.3f}; "
+          f"largest mask probability difference {diff:.3f}")
+    print(f"paste_speedup={paste_speedup:.2f} segment_pass_ratio={ratio:.3f} bf16_segment_pass_ratio={bf16_ratio:.3f}")
 
 
 if __name__ == "__main__":
