@@ -8,25 +8,27 @@ record says how to configure, build and load each (the segmenter's is `segmenter
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pyarrow as pa
 import torch
 from torch import nn
 
 from twopass.pipeline.coco import CocoDataset, ImageSet
-from twopass.pipeline.fileio import OutputError, read_json, sweep_temp_files
+from twopass.pipeline.fileio import Inputs, OutputError, check_outputs, read_json, sweep_temp_files
 from twopass.pipeline.precision import check_precision
 from twopass.pipeline.settings import DETECT, DetectSettings
 from twopass.pipeline.tables import TableMeta, write_table
 
-from .checkpoint import CheckpointMeta, init_weights, last_meta, load_model, read_meta, resolve
+from .checkpoint import CheckpointMeta, files_in_use, init_weights, last_meta, load_model, read_meta, resolve
 from .config import ConfigError, ModelConfig, config_from_dict, load_config
 from .infer import View, detect, make_validator, make_views
 from .model import build_detector
@@ -101,7 +103,10 @@ def train_model(
         raise ValueError("--val-ann and --val-images go together")
     if options.device not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {options.device!r}")
-    claim_run_folder(options.out, options.resume, options.overwrite)
+    # (a run folder inside an image folder adds no image and replaces none: its names are fixed)
+    inputs = {"--train-ann": train_ann, "--val-ann": val_ann, "--backbone-weights": backbone_weights,
+              "--init": files_in_use(init) if init is not None and Path(init).exists() else None}  # fmt: skip
+    claim_run_folder(options.out, options.resume, options.overwrite, inputs)
     dataset = CocoDataset(train_ann, train_images, with_masks=config.mask_head.enabled)
     meta = last_meta(options.out) if options.resume else None
     if meta is not None:
@@ -123,26 +128,73 @@ def train_model(
                  categories=dataset.categories, validate=validate)  # fmt: skip
 
 
-def claim_run_folder(out: str | Path, resume: bool, overwrite: bool) -> None:
+def claim_run_folder(out: str | Path, resume: bool, overwrite: bool, inputs: Mapping[str, Inputs] | None = None,
+                     resumable: bool = True) -> None:  # fmt: skip
     """Before any compute: a run folder that holds another run is continued (`resume`) or
-    replaced (`overwrite`: its checkpoints and metrics are removed), never mixed with a new one."""
+    replaced (`overwrite`: its checkpoints and metrics are removed), never mixed with a new one.
+    A run that failed before its first checkpoint (`failed_before_checkpoint`) holds nothing to
+    continue: it is replaced, saying so. `inputs` ({option: path}, as for `check_outputs`): the
+    run's files may not be one of them or lie inside one (the --init run's checkpoints/), and
+    they may not lie in what is removed. `resumable`: whether the command has --resume to suggest."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"--out {out}: is a file; a run folder is expected")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
         raise OutputError(f"--out {out}: folder is not writable")
+    check_outputs({"--out": out / "metrics.jsonl"}, inputs or {})
     if out.is_dir():
-        sweep_temp_files(out)  # what a killed run left mid-write
+        for p in sweep_temp_files(out):  # what a killed run left mid-write
+            print(f"--out {out}: removed {p.name}, left by a writer that was killed", flush=True)
     held = [out / n for n in ("checkpoints", "metrics.jsonl") if (out / n).exists()]
     if not held or resume:
         return
-    if not overwrite:
+    failed = failed_before_checkpoint(out)
+    if failed is None and not overwrite:
         meta = last_meta(out) if (out / "checkpoints").exists() else None
         at = f" (last checkpoint at iteration {meta.iteration})" if meta is not None else ""
-        raise OutputError(f"--out {out}: holds another run{at}; pass --resume to continue it or --overwrite to replace it")
+        hint = "pass --resume to continue it or --overwrite to replace it" if resumable else "pass --overwrite to replace it"
+        raise OutputError(f"--out {out}: holds another run{at}; {hint}")
+    for name, value in (inputs or {}).items():
+        for p in value if isinstance(value, (list, tuple)) else [value]:
+            if p is not None and any(Path(p).resolve().is_relative_to(h.resolve()) for h in held):
+                raise OutputError(f"--out {out}: replacing its run would remove the input {name} {p}")
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank gets here; one removes
+        if failed is not None:
+            print(f"--out {out}: the run there {failed}; removing its {' and '.join(p.name for p in held)} and starting again",
+                  flush=True)  # fmt: skip
         for p in held:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def failed_before_checkpoint(out: str | Path) -> str | None:
+    """How the run in folder `out` failed, in words, when it saved no checkpoint (no last.json;
+    checkpoints/ holds at most the engine's partial files) and its metrics.jsonl is empty or
+    ends with the engine's error record (`train.train`), or is absent (an import that failed);
+    else None (no run, a run with a checkpoint, or one that may still be running or was
+    killed without a record)."""
+    out = Path(out)
+    ckpts, metrics = out / "checkpoints", out / "metrics.jsonl"
+    if any((d / "last.json").is_file() for d in (ckpts, out)):
+        return None
+    if ckpts.is_dir() and not all(p.is_file() and _PARTIAL.fullmatch(p.name) for p in ckpts.iterdir()):
+        return None  # files that are not ours: not removed
+    if not metrics.is_file():
+        return "saved no checkpoint (checkpoints/ has no last.json)" if ckpts.is_dir() else None
+    lines = [ln for ln in metrics.read_text(errors="replace").splitlines() if ln.strip()]
+    if not lines:
+        return "stopped before its first iteration"
+    try:
+        last = json.loads(lines[-1])
+    except json.JSONDecodeError:
+        return None
+    if not (isinstance(last, dict) and "error" in last):
+        return None
+    error = str(last["error"])
+    return f"failed at iteration {last.get('iter', '?')} before saving a checkpoint ({error if len(error) < 300 else error[:300] + '...'})"
+
+
+# what a checkpoint save that did not finish leaves (`checkpoint.save_checkpoint`, `fileio.atomic_path`)
+_PARTIAL = re.compile(r"iter_\d{7}(\.optim)?\.(json|safetensors)|\..+\.tmp")
 
 
 # --------------------------------------------------------------------------- loading

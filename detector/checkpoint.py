@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from twopass.pipeline.categories import Categories
-from twopass.pipeline.fileio import atomic_path, read_json, write_json
+from twopass.pipeline.fileio import atomic_path, disk_full, is_disk_full, read_json, write_json
 
 FORMAT = "twopass-checkpoint-1"
 
@@ -55,12 +55,18 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     # clone: safetensors refuses tensors sharing storage, and views may be non-contiguous
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(flat, str(tmp), metadata=metadata)
+        try:
+            save_file(flat, str(tmp), metadata=metadata)
+        except SafetensorError as e:  # not an OSError: a full disk would reach the user as a traceback
+            if is_disk_full(e):
+                raise disk_full(path, sum(t.numel() * t.element_size() for t in flat.values()), at_least=False) from None
+            raise OSError(f"{path}: cannot write the tensors ({e})") from None
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -155,6 +161,21 @@ def resolve(path: str | Path) -> Path:
     if not p.is_file():
         raise CheckpointError(f"{p}: no such checkpoint")
     return p
+
+
+# A run folder's own files besides checkpoints/: the engine's metrics, the importer's config
+# copy, the run-folder stage's marker.
+RUN_FILES = ("metrics.jsonl", "config.yaml", "done.json")
+
+
+def files_in_use(path: str | Path) -> list[Path]:
+    """What a command that reads checkpoint `path` must not write over (`fileio.check_outputs`):
+    the checkpoints/ folder and the run folder's own files (RUN_FILES) when it lies in a run
+    folder, else its JSON, weights and pointer files."""
+    p = resolve(path)
+    if p.parent.name == "checkpoints":
+        return [p.parent, *(p.parent.parent / n for n in RUN_FILES)]
+    return [p, p.with_suffix(".safetensors"), p.with_suffix(".optim.safetensors"), p.parent / "last.json"]
 
 
 def last_meta(run: str | Path) -> CheckpointMeta | None:

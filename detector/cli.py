@@ -63,7 +63,11 @@ def make_train_command(kind: str, load_kind: Callable[[], Any]) -> Callable[...,
         if config is not None:
             cfg = model_kind.config(config, "--config")
         elif init is not None:
-            cfg = model_kind.config(read_meta(init).config, f"--init {init} (config)")
+            init_meta = read_meta(init)
+            if init_meta.kind != model_kind.name:  # its config would not parse as this kind's
+                raise ValueError(f"--init {init}: a {init_meta.kind} run, and train-{model_kind.name} takes its config from it; "
+                                 f"give --config (a {model_kind.name} config) to start from its weights")  # fmt: skip
+            cfg = model_kind.config(init_meta.config, f"--init {init} (config)")
         else:
             raise ValueError("--config: required (or --init RUN, to fine-tune with that run's config)")
         options = TrainOptions(out=out, iters=iters, batch=batch, lr=lr, device=device, resume=resume, overwrite=overwrite,
@@ -112,12 +116,13 @@ def detect(
     from twopass.pipeline.fileio import check_outputs
 
     from .api import detect_images, load_any, views_of
+    from .checkpoint import files_in_use
 
     settings = validate_mapping(DetectSettings, dict(score_thresh=score_thresh, max_per_image=max_per_image, batch=batch,
                                                          precision=precision),
                                 "twopass detect", ValueError, "setting")  # fmt: skip
     scales = parse_scales(tta_scales)
-    check_outputs({"--out": out}, {"--ann": ann, "--checkpoint": checkpoint})
+    check_outputs({"--out": out}, {"--ann": ann, "--images": images, "--checkpoint": files_in_use(checkpoint)})
     loaded = load_any(checkpoint, device, fast)
     if with_masks and loaded.meta.kind != "segmenter":
         raise ValueError(f"--with-masks: {loaded.meta.path} is a {loaded.meta.kind!r} checkpoint, which has no mask head")

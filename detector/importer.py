@@ -131,6 +131,9 @@ def categories_with_labels(spec: str | Path, num_outputs: int) -> tuple[Categori
         if not isinstance(entries, list) or not entries:
             raise ValueError(f"{where}: expected a list of categories ({{'id', 'name'[, 'label']}}) or a COCO file with one")
     categories = Categories.from_coco(entries, source=where)
+    for i, c in enumerate(entries):
+        if "label" in c and (isinstance(c["label"], bool) or not isinstance(c["label"], int)):
+            raise ValueError(f"{where}: categories[{i}] ({c['name']!r}): label {c['label']!r} is not an integer")
     label_of = {int(c["id"]): int(c.get("label", c["id"])) for c in entries}
     labels = [label_of[i] for i in categories.ids]
     bad = sorted(lb for lb in labels if not 1 <= lb < num_outputs)
@@ -187,8 +190,9 @@ def import_torchvision(arch: str, weights: str | Path, out: str | Path, categori
 
     if arch not in ARCHS:
         raise ValueError(f"--arch {arch!r}: not importable; choose one of {', '.join(ARCHS)}")
-    check_outputs({"--out": Path(out) / "config.yaml"}, {"--weights": weights, "--categories": None if str(categories) == "coco" else categories})
-    claim_run_folder(out, resume=False, overwrite=overwrite)
+    inputs = {"--weights": weights, "--categories": None if str(categories) == "coco" else categories}
+    check_outputs({"--out": Path(out) / "config.yaml"}, inputs)
+    claim_run_folder(out, resume=False, overwrite=overwrite, inputs=inputs, resumable=False)
     spec = ARCHS[arch]
     kind = kind_of(spec.kind)
     state, digest = read_state_dict(weights)

@@ -10,6 +10,7 @@ uninterrupted run exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,6 +32,32 @@ from .backbone import convert_sync_batchnorm
 from .checkpoint import CheckpointError, last_meta, load_optimizer, load_weights, save_checkpoint, unwrap
 from .config import TrainConfig
 from .data import IterationBatches, mix_seed, to_device
+
+
+class TrainingFailed(FloatingPointError, ValueError):
+    """The loss is not finite, or has diverged (`diverged`): the learning rate or the data, not a
+    fault a retry fixes. A ValueError, so the CLI prints it as one line and flows never retry it."""
+
+
+# A loss diverges when the mean of its last DIVERGE_WINDOW iterations exceeds DIVERGE_FACTOR
+# times the mean of the run's first DIVERGE_WINDOW. The start is the reference, warm-up
+# included: a healthy run's loss is highest there (warm-up starts at a tiny LR), and a run that
+# diverges while its LR warms up is caught within 2 * DIVERGE_WINDOW iterations.
+DIVERGE_WINDOW = 20
+DIVERGE_FACTOR = 100.0
+
+
+def diverged(losses: list[float], window: int = DIVERGE_WINDOW, factor: float = DIVERGE_FACTOR) -> str | None:
+    """Why the total losses of a run's iterations (in order, first of this process first) have
+    diverged, in words; None while they have not (or fewer than 2 * window are known)."""
+    if len(losses) < 2 * window:
+        return None
+    first, last = float(np.mean(losses[:window])), float(np.mean(losses[-window:]))
+    if last <= factor * first:
+        return None
+    n = len(losses)
+    return (f"loss diverged: mean {last:.4g} over the last {window} iterations, above {factor:g}x the mean {first:.4g} "
+            f"of the first {window} (of {n})")
 
 
 @dataclass
@@ -296,6 +323,7 @@ def train(
     val_metrics = None
     times: list[float] = []
     history: list[dict[str, Any]] = []
+    totals: list[float] = []  # total loss per iteration, for `diverged`
     train_seconds = 0.0
     t_data = time.perf_counter()
     try:
@@ -311,8 +339,9 @@ def train(
                 losses = ddp(images, targets)
             total = sum(v.float() for v in losses.values())
             if not torch.isfinite(total):
-                raise FloatingPointError(
-                    f"iteration {it + 1}: loss is {total.item()} ({ {k: round(v.item(), 4) for k, v in losses.items()} }); lower --lr or check the data"
+                raise TrainingFailed(
+                    f"{out}: iteration {it + 1}: loss is {total.item()} ({ {k: round(v.item(), 4) for k, v in losses.items()} }); "
+                    "lower --lr (or the config's train.base_lr) or check the data"
                 )
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
@@ -334,6 +363,9 @@ def train(
             if log is not None:
                 log.write(record)
                 log.step(it, record["loss"], sec)
+            totals.append(record["loss"])
+            if (why := diverged(totals)) is not None:
+                raise TrainingFailed(f"{out}: iteration {it}: {why}; lower --lr (or the config's train.base_lr) or check the data")
             if options.stop_at is not None and it >= options.stop_at:
                 return TrainResult(it, last_ckpt, last_losses, train_seconds, _median(times), None, history)
             out_of_time = options.time_budget_s is not None and train_seconds >= options.time_budget_s
@@ -344,6 +376,13 @@ def train(
             if out_of_time:
                 break
             t_data = time.perf_counter()
+    except BaseException as e:
+        # the run's record says why it stopped; a run that failed before its first checkpoint
+        # is then restarted by the same command (`api.claim_run_folder`)
+        if log is not None:
+            with contextlib.suppress(OSError, ValueError):  # a full disk: the error itself is what counts
+                log.write({"iter": it + 1, "error": f"{type(e).__name__}: {e}"})
+        raise
     finally:
         if log is not None:
             log.close()

@@ -51,6 +51,17 @@ def read_inputs(inputs: Sequence[str | Path | pa.Table], categories: Categories 
     return tables, categories
 
 
+def check_image_ids(tables: Sequence[pa.Table], names: Sequence[str], image_sizes: Mapping[int, Any] | pa.Table, where: str) -> None:
+    """Every row's image_id is an image of `image_sizes` ({id: (h, w)} or an images table, from
+    `where`); the first input with others is named, with its first unknown id."""
+    known = image_sizes.column("image_id") if isinstance(image_sizes, pa.Table) else pa.array(list(map(int, image_sizes)), pa.int64())
+    for name, t in zip(names, tables):
+        ids = t.column("image_id")
+        unknown = pc.unique(ids.filter(pc.invert(pc.is_in(ids, value_set=known.cast(ids.type))))).to_pylist()
+        if unknown:
+            raise ValueError(f"{name}: image_id {sorted(unknown)[0]} is not an image of {where} ({len(unknown)} unknown image id(s))")
+
+
 def fuse_files(
     inputs: Sequence[str | Path | pa.Table],
     settings: FuseSettings = FUSE,
@@ -84,6 +95,8 @@ def fuse_files(
     # weights are given, which would make the default of the flows differ from the command's.
     given = None if weights is None or all(float(w) == 1.0 for w in weights) else list(weights)
     names = [f"tables[{i}]" if isinstance(p, pa.Table) else str(p) for i, p in enumerate(inputs)]
+    if image_sizes is not None:
+        check_image_ids(tables, names, image_sizes, dataset or "image_sizes")
     fused = fuse(tables, weights=given, names=names,
                  image_sizes=image_sizes, source=source, **kwargs)  # fmt: skip
     meta = TableMeta(

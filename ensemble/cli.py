@@ -93,5 +93,11 @@ def _fuse(inputs: list[Path], out: Path, weights: str | None, images: Path | Non
     fused, meta = fuse_files(inputs, settings, weights=_parse_weights(weights), source=source, producer="twopass fuse", out=out,
                              image_sizes=sizes, categories=categories, dataset=None if images is None else str(images), category_map=category_map,
                              extra={"images": None if images is None else str(images)})  # fmt: skip
+    # COCO results JSON name no image set and no category list: say what nothing checked
+    json_inputs = [str(p) for p in inputs if p.suffix.lower() == ".json"]
+    unchecked = [w for w, known in (("image ids", images is not None), ("category ids", meta.categories is not None)) if not known]
+    if json_inputs and unchecked:
+        typer.echo(f"twopass: warning: {', '.join(json_inputs)}: {' and '.join(unchecked)} not checked "
+                   "(give --images with the COCO annotations)", err=True)  # fmt: skip
     n_images = len(set(fused.column("image_id").to_pylist()))
     typer.echo(f"wrote {out}: {fused.num_rows} boxes in {n_images} images, fused from {meta.extra['boxes_in']} boxes in {len(inputs)} files")

@@ -14,8 +14,9 @@ the run folder unless the user has set it; see `flows.env.configure`.
 
 Modules: `tasks` (one Prefect task per stage execution, each calling the plain stage function
 of its package: `detector.stage`, `ensemble.stage`, `segmenter.stage`, `pipeline.runfolder`),
-`prefect_flows` (the Prefect flows; `prefect.yaml` deploys them), `demo` (the demo's config),
-`cli` (`twopass demo`, `twopass flow ...`), `env` (the settings above). Nothing outside this
+`prefect_flows` (the Prefect flows; `prefect.yaml` deploys them), `runners` (their task runner
+parameter, which the CLI checks before Prefect starts), `demo` (the demo's config), `cli`
+(`twopass demo`, `twopass flow ...`), `env` (the settings above). Nothing outside this
 package imports Prefect; the same pipeline without Prefect is `segmenter.two_pass.two_pass_plain`.
 """
 

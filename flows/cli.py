@@ -37,12 +37,18 @@ def _start(out: Path):
     return prefect_flows
 
 
-def _run(out: Path, names: list[str], runner: tuple[str, int | None, str | None], *args: Any) -> Any:
-    """Run the flows `names` one after the other on the task runner (kind, workers, Dask
-    address) with `args`; the result of the last. A flow whose shards failed exits 1, naming them."""
+def _runner(task_runner: str, workers: int | None, dask_address: str | None):
+    """The task runner the options name (`flows.runners.TaskRunnerSpec`), checked before
+    anything is written: a bad value is a ValueError naming its option."""
+    from .runners import from_options
+
+    return from_options(task_runner, workers, dask_address)
+
+
+def _run(out: Path, names: list[str], spec, *args: Any) -> Any:
+    """Run the flows `names` one after the other on the task runner `spec` (`_runner`) with
+    `args`; the result of the last. A flow whose shards failed exits 1, naming them."""
     pf = _start(out)
-    kind, workers, address = runner
-    spec = pf.TaskRunnerSpec(kind=kind, workers=workers or 1, dask_address=address)
     try:
         for name in names:
             result = pf.FLOWS[name](*args, task_runner=spec)
@@ -51,12 +57,12 @@ def _run(out: Path, names: list[str], runner: tuple[str, int | None, str | None]
     return result
 
 
-def _load(config: Path, out: Path, workers: int | None = None, parallel: bool = False):
+def _load(config: Path, out: Path, workers: int = 1, parallel: bool = False):
     from twopass.pipeline.config import load_pipeline_config
 
     from .env import configure
 
-    configure(out, parallel=parallel or (workers or 1) > 1)  # before anything imports torch or Prefect
+    configure(out, parallel=parallel or workers > 1)  # before anything imports torch or Prefect
 
     return load_pipeline_config(config)
 
@@ -94,8 +100,9 @@ def train_cmd(
     dask_address: DaskOpt = None,
 ) -> None:
     """train_flow: train the configured detectors and the segmenter (finished ones are reused)."""
-    cfg = _load(config, out, workers, parallel)
-    result = _run(out, ["train"], (task_runner, workers, dask_address), cfg, str(out), parallel)
+    spec = _runner(task_runner, workers, dask_address)
+    cfg = _load(config, out, spec.workers, parallel)
+    result = _run(out, ["train"], spec, cfg, str(out), parallel)
     for name, path in result.items():
         typer.echo(f"{name}: {path}")
 
@@ -110,17 +117,19 @@ def run_cmd(
     dask_address: DaskOpt = None,
 ) -> None:
     """two_pass_flow: detect (all detectors and views) -> fuse -> segment -> evaluate, per shard."""
-    cfg = _load(config, out, workers)
+    spec = _runner(task_runner, workers, dask_address)
+    cfg = _load(config, out, spec.workers)
     t0 = time.perf_counter()
-    result = _run(out, ["train", "two-pass"] if train else ["two-pass"], (task_runner, workers, dask_address), cfg, str(out))
+    result = _run(out, ["train", "two-pass"] if train else ["two-pass"], spec, cfg, str(out))
     _summary(result, out, time.perf_counter() - t0)
 
 
 @flow_app.command("detect")
 def detect_cmd(config: ConfigOpt, out: OutOpt, task_runner: RunnerOpt = "threads", workers: WorkersOpt = None, dask_address: DaskOpt = None) -> None:
     """detect_flow: every detector (all its views) on every shard; one detections file each."""
-    cfg = _load(config, out, workers)
-    result = _run(out, ["detect"], (task_runner, workers, dask_address), cfg, str(out))
+    spec = _runner(task_runner, workers, dask_address)
+    cfg = _load(config, out, spec.workers)
+    result = _run(out, ["detect"], spec, cfg, str(out))
     for name, path in result.items():
         typer.echo(f"{name}: {path}")
 
@@ -147,14 +156,15 @@ def fuse_cmd(
     dask_address: DaskOpt = None,
 ) -> None:
     """fuse_flow: fuse the detectors' detections files, shard by shard."""
-    cfg = _load(config, out, workers)
+    spec = _runner(task_runner, workers, dask_address)
+    cfg = _load(config, out, spec.workers)
     named = _parse_named(detections, "--detections")
     if not named:
         named = {d.name: str(out / "outputs" / f"detections_{d.name}.parquet") for d in cfg.detectors}
         missing = [p for p in named.values() if not Path(p).is_file()]
         if missing:
             raise FileNotFoundError(f"{missing[0]}: no such file; run `twopass flow detect` first or give --detections NAME=PATH")
-    path = _run(out, ["fuse"], (task_runner, workers, dask_address), cfg, named, str(out))
+    path = _run(out, ["fuse"], spec, cfg, named, str(out))
     typer.echo(f"fused: {path}")
 
 
@@ -169,10 +179,11 @@ def segment_cmd(
     dask_address: DaskOpt = None,
 ) -> None:
     """segment_flow: pass two alone on a detections file (the rerun path when new boxes arrive)."""
-    cfg = _load(config, out, workers)
+    spec = _runner(task_runner, workers, dask_address)
+    cfg = _load(config, out, spec.workers)
     if not detections.is_file():
         raise FileNotFoundError(f"--detections {detections}: no such file")
-    path = _run(out, ["segment"], (task_runner, workers, dask_address), cfg, str(detections.resolve()), str(out),
+    path = _run(out, ["segment"], spec, cfg, str(detections.resolve()), str(out),
                 str(checkpoint) if checkpoint else None)  # fmt: skip
     typer.echo(f"instances: {path}")
 
@@ -262,9 +273,10 @@ def demo(
 
     if difficulty not in DIFFICULTIES:
         raise ValueError(f"--difficulty: expected one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
+    spec = _runner(task_runner, workers, dask_address)
     t0 = time.perf_counter()
     out = out.resolve()
-    configure(out, parallel=(workers or 1) > 1)  # before anything imports torch or Prefect
+    configure(out, parallel=spec.workers > 1)  # before anything imports torch or Prefect
     data = out / "data"
     for split, n, seed in (("train", train_images, 0), ("val", val_images, 1)):
         ann = data / split / "annotations.json"
@@ -276,7 +288,7 @@ def demo(
     cfg = demo_config(data, train_budget_s=budget)
     write_pipeline_config(out / "pipeline.yaml", cfg)
     typer.echo(f"config: {out / 'pipeline.yaml'} (rerun with `twopass flow run --config {out / 'pipeline.yaml'} --out {out}`)")
-    result = _run(out, ["train", "two-pass"], (task_runner, workers, dask_address), cfg, str(out))
+    result = _run(out, ["train", "two-pass"], spec, cfg, str(out))
     _summary(result, out, time.perf_counter() - t0)
     typer.echo(f"pictures: {out / 'pictures'}")
     final = next((r for r in result.get("table") or [] if r["stage"] == "final masks"), None)

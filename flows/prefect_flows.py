@@ -17,18 +17,17 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import twopass.flows  # noqa: F401  (Prefect defaults set before Prefect is imported)
 from prefect import flow, tags
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 from prefect.context import FlowRunContext
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from twopass.detector.stage import resolve_model
 from twopass.flows import tasks  # absolute: Prefect loads this file by path (prefect.yaml entrypoints)
+from twopass.flows.runners import TaskRunnerSpec
 from twopass.pipeline import report
 from twopass.pipeline.config import PipelineConfig, safe_name
 from twopass.pipeline.fileio import read_json, stable_hash, sweep_temp_files
@@ -102,12 +101,14 @@ def _cause(state) -> str:
     return state.message or state.name
 
 
-def _finish(shards: Shards, what: str) -> None:
+def _finish(shards: Shards, what: str, unit: str = "shard") -> None:
+    """Raise FlowFailed naming each failed task (`unit`: what one task is, "shard" or "training")."""
     failed = shards.failures()
     if failed:
-        raise FlowFailed(f"{what}: {len(failed) - (1 if failed[-1].endswith('did not run') else 0)} shard task(s) failed "
-                         "(the other shards finished and kept their outputs; rerun to retry only these):\n  "
-                         + "\n  ".join(failed))  # fmt: skip
+        n = len(failed) - (1 if failed[-1].endswith("did not run") else 0)
+        tasks_ = "shard task(s)" if unit == "shard" else f"{unit}(s)"
+        raise FlowFailed(f"{what}: {n} {tasks_} failed (the other {unit}s finished and kept their outputs; rerun to retry "
+                         "only these):\n  " + "\n  ".join(failed))  # fmt: skip
 
 
 def _ran_since(run_dir: str | Path, t0: float) -> dict[str, int]:
@@ -140,54 +141,6 @@ def _shard_name(k: int, n: int) -> str:
 
 
 # --------------------------------------------------------------------------- task runners
-
-
-class TaskRunnerSpec(BaseModel):
-    """How a flow run runs its shard tasks: a flow parameter, so a deployment run (the UI's
-    Quick Run and `-p task_runner=...`) and the CLI's --task-runner options choose it. Prefect
-    validates it before a deployment run is created."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    kind: Literal["threads", "processes", "dask"] = Field(
-        "threads", description="threads: a pool in the flow's process; processes: a pool of processes; dask: a Dask cluster."
-    )
-    workers: int = Field(1, ge=1, description="Tasks at once: threads, processes, or single-threaded workers of a local Dask cluster.")
-    dask_address: str | None = Field(None, description="dask: tcp://HOST:PORT of an existing scheduler (its workers need PREFECT_API_URL).")
-
-    @model_validator(mode="after")
-    def _check(self) -> "TaskRunnerSpec":
-        if self.dask_address is not None:
-            if self.kind != "dask":
-                raise ValueError("dask_address needs kind 'dask'")
-            if not self.dask_address.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
-                raise ValueError(f"dask_address: expected tcp://HOST:PORT, got {self.dask_address!r}")
-        return self
-
-    def build(self):
-        """A fresh Prefect task runner (one CPU model at a time uses every core: 1 worker by default)."""
-        if self.kind == "threads":
-            return ThreadPoolTaskRunner(max_workers=self.workers)
-        if self.kind == "processes":
-            return ProcessPoolTaskRunner(max_workers=self.workers)
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError:
-            raise ValueError("task runner dask needs prefect-dask: pip install 'twopass[dask]'") from None
-        if self.dask_address:
-            return DaskTaskRunner(address=self.dask_address)
-        # Worker processes, each single-threaded (threads of this process would share its
-        # interpreter lock: 1.29x for 2 workers, measured). They report to this run's API, the
-        # embedded server's too (without PREFECT_API_URL each would start a server of its own).
-        from prefect.client.orchestration import get_client
-
-        with get_client(sync_client=True) as client:
-            api_url = str(client.api_url).rstrip("/")
-        env = {"PREFECT_API_URL": api_url, "OMP_NUM_THREADS": "1"}
-        return DaskTaskRunner(
-            cluster_class="distributed.LocalCluster",
-            cluster_kwargs={"n_workers": self.workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None, "env": env},
-        )
 
 
 @contextlib.contextmanager
@@ -224,7 +177,7 @@ def train_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, par
                 fut.wait()
                 if not fut.state.is_completed():
                     break
-        _finish(shards, "train_flow")
+        _finish(shards, "train_flow", "training")
         for (kind, spec), (_, fut) in zip(jobs, shards.items):
             out[spec.name] = fut.result()
             log.info(f"{kind} {spec.name}: {out[spec.name]}")

@@ -28,6 +28,7 @@ from prefect.logging import get_run_logger
 from twopass.detector import stage as detector_stage
 from twopass.ensemble import stage as ensemble_stage
 from twopass.pipeline import runfolder
+from twopass.pipeline.fileio import is_disk_full
 from twopass.pipeline.runfolder import Planned
 from twopass.segmenter import stage as segmenter_stage
 from twopass.segmenter import two_pass
@@ -43,19 +44,26 @@ def _log(level: str = "info"):
 
 
 # Retries: only failures that can pass (I/O, a lost Dask worker); a DataError, a config or
-# checkpoint error, a missing file fails at once, naming its input.
+# checkpoint error, a missing file, a non-finite or diverging loss (`detector.train.TrainingFailed`),
+# running out of memory or disk fails at once, naming its input.
 RETRIES = dict(retries=2, retry_delay_seconds=[10, 60])
 
 
 def transient(task, task_run, state) -> bool:
-    """Prefect retry condition: retry the task unless its failure is a data error."""
+    """Prefect retry condition: retry the task unless its failure is one a retry repeats."""
     try:
         state.result(raise_on_failure=True)
-    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, KeyError, TypeError):
+    except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, KeyError, TypeError,
+            ArithmeticError, MemoryError):  # fmt: skip
         return False
-    except Exception:  # noqa: BLE001 - anything else (OSError, a lost worker) may pass
-        return True
+    except Exception as e:  # noqa: BLE001 - anything else (OSError, a lost worker) may pass
+        return not (_out_of_memory(e) or is_disk_full(e))
     return False
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """torch's (CUDA) out-of-memory error: a RuntimeError whose retry would run out again."""
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).lower()
 
 
 # --------------------------------------------------------------------------- cache keys

@@ -8,6 +8,7 @@ tools' class indices become those ids through a `CategoryMap`.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -35,8 +36,10 @@ class Categories:
         """From a COCO `categories` list, sorted by id so every file gives the same labels."""
         cats = list(cats)
         for i, c in enumerate(cats):
-            if "id" not in c or "name" not in c:
+            if not isinstance(c, dict) or "id" not in c or "name" not in c:
                 raise ValueError(f"{source}: categories[{i}] needs 'id' and 'name', got {c}")
+            if _integer(c["id"]) is None:
+                raise ValueError(f"{source}: categories[{i}] ({c['name']!r}): id {c['id']!r} is not an integer")
         cats = sorted(cats, key=lambda c: int(c["id"]))
         return cls(tuple(int(c["id"]) for c in cats), tuple(str(c["name"]) for c in cats))
 
@@ -107,7 +110,11 @@ class CategoryMap:
             raise FileNotFoundError(f"{path}: no such file")
         is_json = path.suffix.lower() == ".json"
         try:
-            data = json.loads(path.read_text()) if is_json else yaml.safe_load(path.read_text())
+            # a key given twice is refused: the last value would win silently
+            text = path.read_text()
+            data = json.loads(text, object_pairs_hook=_unique_pairs) if is_json else yaml.load(text, _UniqueKeyLoader)
+        except _DuplicateKey as e:
+            raise ValueError(f"{path}: key {e.key!r} appears twice{e.where}; give each class index once") from None
         except (json.JSONDecodeError, yaml.YAMLError) as e:
             # one line: YAML's messages span several
             raise ValueError(f"{path}: not valid {'JSON' if is_json else 'YAML'} ({' '.join(str(e).split())})") from None
@@ -155,6 +162,54 @@ class CategoryMap:
             raise ValueError(f"{what}: entry {i} (image_id {image_ids[i]}): category_id {values[i]!r} is not in --category-map "
                              f"{self.source} (keys {self._keys_text()}); {len(bad)} such entries")
         return [self.ids[v] for v in values]
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, where: str = ""):
+        super().__init__(key)
+        self.key, self.where = key, where
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json object_pairs_hook: a dict, refusing a key given twice."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a mapping key given twice (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)  # `<<` merges first, as the base class does
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:  # equal keys (0 and 0x0 too) would collapse into one entry
+                    raise _DuplicateKey(key, f" (lines {seen[key]} and {line})")
+                seen[key] = line
+            except TypeError:
+                pass  # an unhashable key: the base class names it
+        return super().construct_mapping(node, deep)
+
+
+def _integer(value: Any) -> int | None:
+    """`value` as an int when it is one (or its text: "3"), else None; not a bool or a fraction."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Integral):  # numpy's too
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdecimal():
+        return int(value)
+    return None
 
 
 def _index(value: Any) -> int | None:

@@ -123,9 +123,11 @@ def show(
 ) -> None:
     """Draw boxes, labels, scores and masks over images: ground truth beside each results file."""
     from .coco import CocoIndex, ImageSet
+    from .fileio import check_output_folder
     from .tables import read_results
     from .visualize import show as run_show
 
+    check_output_folder("--out", out, {"--images": images, "--ann": ann, "--results": results})
     gt = CocoIndex.load(ann) if ann else None
     image_set = gt.image_set(images) if gt else ImageSet.from_folder(images)
     panels, categories = [], gt.categories if gt else None
@@ -149,7 +151,7 @@ def images_cmd(
     from .coco import ImageSet
     from .fileio import check_outputs
 
-    check_outputs({"--out": out}, {})
+    check_outputs({"--out": out}, {"FOLDER": folder})
     s = ImageSet.from_folder(folder)
     s.write(out)
     typer.echo(f"wrote {out}: {len(s)} images")

@@ -62,6 +62,8 @@ def load_image(path: Path, where: str = "") -> torch.Tensor:
                 a = np.array(im.convert("RGB"))
     except FileNotFoundError:
         raise DataError(f"{label}: image file {path} is missing") from None
+    except Image.DecompressionBombError as e:  # not an OSError: it would reach the user as a traceback
+        raise DataError(f"{label}: image file {path} is too large to decode safely ({e}); downscale it") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{label}: cannot read image file {path} ({e})") from e
     return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
@@ -123,6 +125,8 @@ class ImageSet:
             try:
                 with Image.open(root / f) as im:
                     sizes.append((im.height, im.width))
+            except Image.DecompressionBombError as e:
+                raise DataError(f"{root / f}: image is too large to decode safely ({e}); downscale it") from None
             except OSError as e:
                 raise DataError(f"{root / f}: cannot read image header ({e})") from e
         table = images_table(range(1, len(files) + 1), files, [s[0] for s in sizes], [s[1] for s in sizes])

@@ -4,12 +4,15 @@ and the guards every command runs on its outputs before any compute."""
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 # The process umask, read once at import (reading it means setting it, which is not thread-safe).
 _UMASK = os.umask(0o022)
@@ -26,7 +29,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The temp file lives in the destination folder so the final `os.replace` is a rename on one
     file system (atomic on POSIX). On any exception the temp file is removed and `path` is
-    left as it was.
+    left as it was. On success the temp files of `path` that killed writers left are removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,23 +38,46 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError as e:
+            if is_disk_full(e) and e.filename in (None, str(tmp_path)):  # name the file, not its temp
+                raise disk_full(path, tmp_path.stat().st_size if tmp_path.exists() else 0) from None
+            raise
         # mkstemp makes 0600 files; give the mode a plain open() would (0666 less the umask), so
         # datasets and checkpoints stay readable to the other users of a shared machine.
         os.chmod(tmp_path, 0o666 & ~_UMASK)
         os.replace(tmp_path, path)
+        with contextlib.suppress(OSError):  # the file is written; a copy a killed writer left would stay forever
+            sweep_temp_files(path.parent, path.name)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def sweep_temp_files(folder: str | os.PathLike) -> list[Path]:
+def is_disk_full(e: BaseException) -> bool:
+    """A full disk or quota, from the OS or from a library that words it (pyarrow, safetensors)."""
+    return getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(e)
+
+
+def disk_full(path: Path, need: int, at_least: bool = True) -> OSError:
+    """One line for a write of `path` that filled the disk: what it needs (`need` bytes; with
+    `at_least`, those written when it failed) and what is free there."""
+    parts = [f"needs {'more than ' if at_least else ''}{need / 1e6:.1f} MB"] if need else []
+    with contextlib.suppress(OSError):
+        parts.append(f"{shutil.disk_usage(path.parent).free / 1e6:.1f} MB free there")
+    return OSError(errno.ENOSPC, "No space left on device" + (f" ({', '.join(parts)})" if parts else ""), str(path))
+
+
+def sweep_temp_files(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Remove the temp files that writers which no longer run (killed mid-write) left under
-    `folder`; returns them. A live writer's temp file is never touched."""
+    `folder` (`name`: those of the file `folder/name` only); returns them. A live writer's temp
+    file is never touched."""
     removed = []
-    for p in Path(folder).rglob(".*.tmp"):
+    found = Path(folder).rglob(".*.tmp") if name is None else Path(folder).glob(f".{glob.escape(name)}.*.tmp")
+    for p in found:
         parts = p.name.rsplit(".", 3)  # ".<name>", "<pid>", "<random>", "tmp"
-        if len(parts) != 4 or not parts[1].isdigit() or _alive(int(parts[1])):
+        if len(parts) != 4 or not parts[1].isdigit() or (name is not None and parts[0] != f".{name}") or _alive(int(parts[1])):
             continue
         p.unlink(missing_ok=True)
         removed.append(p)
@@ -75,22 +101,23 @@ def _same_file(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve()
 
 
-def check_outputs(outputs: Mapping[str, str | os.PathLike | None], inputs: Mapping[str, str | os.PathLike | None]) -> None:
-    """Refuse, before any compute, an output file that is one of the inputs, an output file that
-    is an existing folder, and an output whose folder cannot be written. Keys name the options
-    (`--out`); None values are skipped."""
-    given = {k: Path(v) for k, v in inputs.items() if v is not None}
+# an input of `check_outputs`: a path, several paths, or None
+Inputs = str | os.PathLike | Sequence[str | os.PathLike] | None
+
+
+def check_outputs(outputs: Mapping[str, str | os.PathLike | None], inputs: Mapping[str, Inputs]) -> None:
+    """Refuse, before any compute, an output file that is one of the inputs or lies inside an
+    input folder (an image folder, the checkpoints/ of a run in use), an output file that is an
+    existing folder, and an output whose folder cannot be written. Keys name the options
+    (`--out`); an input is a path, a list of paths (a checkpoint and its run's files:
+    `detector.checkpoint.files_in_use`) or None (skipped)."""
+    given = _inputs(inputs)
     outs = {k: Path(v) for k, v in outputs.items() if v is not None}
     for (a, pa_), (b, pb) in ((x, y) for i, x in enumerate(outs.items()) for y in list(outs.items())[i + 1 :]):
         if pa_.resolve() == pb.resolve():
             raise OutputError(f"{a} and {b} are the same file {pa_}")
-    for name, value in outputs.items():
-        if value is None:
-            continue
-        out = Path(value)
-        for in_name, src in given.items():
-            if _same_file(out, src) or out.resolve() == src.resolve():
-                raise OutputError(f"{name} {out} is the input {in_name} {src}: refusing to overwrite an input")
+    for name, out in outs.items():
+        _refuse_inputs(name, out, given)
         if out.is_dir():
             raise OutputError(f"{name} {out}: is a folder; give a file path")
         folder = out.resolve().parent
@@ -98,6 +125,33 @@ def check_outputs(outputs: Mapping[str, str | os.PathLike | None], inputs: Mappi
             folder = folder.parent
         if not os.access(folder, os.W_OK | os.X_OK):
             raise OutputError(f"{name} {out}: folder {folder} is not writable")
+
+
+def check_output_folder(name: str, folder: str | os.PathLike, inputs: Mapping[str, Inputs]) -> None:
+    """`check_outputs` for an output folder (files are written into it): refused when it is an
+    input file, an input folder or lies inside one, or is an existing file."""
+    folder = Path(folder)
+    _refuse_inputs(name, folder, _inputs(inputs))
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{name} {folder}: is a file; give a folder")
+
+
+def _inputs(inputs: Mapping[str, Inputs]) -> list[tuple[str, Path]]:
+    given = []
+    for name, value in inputs.items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None:
+                given.append((name, Path(v)))
+    return given
+
+
+def _refuse_inputs(name: str, out: Path, given: list[tuple[str, Path]]) -> None:
+    for in_name, src in given:
+        if _same_file(out, src) or out.resolve() == src.resolve():
+            raise OutputError(f"{name} {out} is the input {in_name} {src}: refusing to overwrite an input")
+        # a file written into an image folder becomes one of its images, or replaces one
+        if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+            raise OutputError(f"{name} {out} lies inside the input {in_name} {src}: refusing to write into an input folder")
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = None) -> None:

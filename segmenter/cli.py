@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -39,11 +41,12 @@ def segment(
 ) -> None:
     """Masks for given boxes: the segmenter's backbone and mask head on each box, with mask TTA."""
     from twopass.detector.api import load_for_inference, views_of
+    from twopass.detector.checkpoint import files_in_use
     from twopass.pipeline.cli import progress_bar
     from twopass.pipeline.coco import ImageSet
     from twopass.pipeline.config import validate_mapping
-    from twopass.pipeline.fileio import check_outputs, write_json
-    from twopass.pipeline.tables import to_coco_results
+    from twopass.pipeline.fileio import atomic_path, check_outputs
+    from twopass.pipeline.tables import to_coco_results, write_table
 
     from .api import SEGMENTER, segment_images
 
@@ -51,17 +54,22 @@ def segment(
                                 "twopass segment",
                                 ValueError, "setting")  # fmt: skip
     scales = parse_scales(tta_scales)
-    check_outputs({"--out": out, "--coco-json": coco_json}, {"--detections": detections, "--ann": ann, "--checkpoint": checkpoint,
-                                                               "--category-map": category_map})
+    check_outputs({"--out": out, "--coco-json": coco_json}, {"--detections": detections, "--ann": ann, "--images": images,
+                                                               "--checkpoint": files_in_use(checkpoint), "--category-map": category_map})
     loaded = load_for_inference(SEGMENTER, checkpoint, device, fast)
     image_set = ImageSet.open(images, ann=ann)
     views = views_of(loaded.meta.path, scales, tta_flip)
     with progress_bar() as bar:
         task = bar.add_task("segment", total=None)
-        instances, _, report = segment_images(loaded, image_set, detections, views, settings, device=device, out=out,
-                                              category_map=category_map, progress=lambda k: bar.update(task, completed=k))  # fmt: skip
-    if coco_json is not None:
-        write_json(coco_json, to_coco_results(instances))
+        instances, meta, report = segment_images(loaded, image_set, detections, views, settings, device=device,
+                                                 category_map=category_map, progress=lambda k: bar.update(task, completed=k))  # fmt: skip
+    # both outputs or neither: each goes to a temp file, renamed once both are written
+    with contextlib.ExitStack() as stack:
+        tmp_out = stack.enter_context(atomic_path(out))
+        tmp_json = stack.enter_context(atomic_path(coco_json)) if coco_json is not None else None
+        write_table(tmp_out, instances, meta)
+        if tmp_json is not None:
+            tmp_json.write_text(json.dumps(to_coco_results(instances)))
     skipped = sum(report.skipped.values())
     typer.echo(f"wrote {out}: {instances.num_rows} instances" + (f", skipped {skipped} rows: {dict(report.skipped)}" if skipped else ""))
 

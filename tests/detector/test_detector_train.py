@@ -254,3 +254,72 @@ def test_cli_train_detect_and_user_errors(synth_small, tmp_path):
     assert p.returncode == 2 and "category list does not match" in p.stderr and "Traceback" not in p.stderr
     p = cli("detect", "--checkpoint", str(run), "--images", str(images), "--out", str(tmp_path / "z.parquet"), "--tta-scales", "a,b")
     assert p.returncode == 2 and "--tta-scales" in p.stderr
+
+
+class _Quadratic(torch.nn.Module):
+    """loss = w^2 on any batch: plain SGD at lr 1.15 overshoots, multiplying the loss by 1.69 an
+    iteration (finite for hundreds of iterations); `nan` makes the loss NaN from `nan` on."""
+
+    def __init__(self, nan: int | None = None):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+        self.nan, self.calls = nan, 0
+
+    def forward(self, images, targets):
+        self.calls += 1
+        loss = (self.w**2).sum()
+        return {"loss_w": loss * float("nan") if self.nan is not None and self.calls >= self.nan else loss}
+
+
+def _train_quadratic(out, model, iters=100):
+    cfg = TrainConfig(base_lr=1.15, base_batch=1, momentum=0.0, weight_decay=0.0, warmup_iters=0, hflip_prob=0.0)
+    data = [(torch.zeros(3, 4, 4), {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)})] * 2
+    opts = TrainOptions(out=out, iters=iters, batch=1, progress=False, checkpoint_every=1000)
+    return train(model, data, opts, cfg, kind="detector", config={}, categories=Categories((1,), ("x",)))
+
+
+def test_a_diverging_loss_stops_training_and_is_recorded(tmp_path, capsys):
+    from twopass.detector.api import claim_run_folder, failed_before_checkpoint
+    from twopass.detector.train import DIVERGE_WINDOW, TrainingFailed, diverged
+
+    assert diverged([1.0] * 100) is None and diverged([1.0] * 38 + [1e9]) is None  # too few to judge
+    assert "above 100x the mean 1" in diverged([1.0] * 20 + [1e3] * 20)
+    with pytest.raises(TrainingFailed) as e:
+        _train_quadratic(tmp_path / "run", _Quadratic())
+    assert isinstance(e.value, FloatingPointError) and isinstance(e.value, ValueError)  # the CLI: one line; flows: no retry
+    assert str(e.value).startswith(f"{tmp_path / 'run'}: iteration {2 * DIVERGE_WINDOW}: loss diverged: mean ")
+    assert "lower --lr" in str(e.value) and "\n" not in str(e.value)
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * DIVERGE_WINDOW + 1 and records[-1]["error"].startswith("TrainingFailed: ")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # the same command again: the failed run is replaced, saying what is removed
+    assert "failed at iteration 41 before saving a checkpoint" in failed_before_checkpoint(tmp_path / "run")
+    claim_run_folder(tmp_path / "run", resume=False, overwrite=False)
+    assert "removing its metrics.jsonl and starting again" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_non_finite_loss_is_recorded_and_a_run_that_saved_nothing_restarts(tmp_path):
+    from twopass.detector.api import claim_run_folder, failed_before_checkpoint
+    from twopass.detector.train import TrainingFailed
+    from twopass.pipeline.fileio import OutputError
+
+    with pytest.raises(TrainingFailed, match=r"iteration 3: loss is nan"):
+        _train_quadratic(tmp_path / "run", _Quadratic(nan=3))
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["iter"] == 3
+    assert "failed at iteration 3" in failed_before_checkpoint(tmp_path / "run")
+    empty = tmp_path / "empty"  # killed in its first iteration: an empty metrics.jsonl, nothing saved
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")
+    assert failed_before_checkpoint(empty) == "stopped before its first iteration"
+    alive = tmp_path / "alive"  # iterations recorded, no error: may still be running, never replaced
+    alive.mkdir()
+    (alive / "metrics.jsonl").write_text('{"iter": 1, "loss": 2.0}\n')
+    assert failed_before_checkpoint(alive) is None
+    (tmp_path / "run" / "checkpoints").mkdir()
+    (tmp_path / "run" / "checkpoints" / "mine.txt").write_text("not the engine's")  # a file not ours: never removed
+    assert failed_before_checkpoint(tmp_path / "run") is None
+    for folder in (alive, tmp_path / "run"):
+        with pytest.raises(OutputError, match="holds another run"):
+            claim_run_folder(folder, resume=False, overwrite=False)
+    assert (tmp_path / "run" / "checkpoints" / "mine.txt").is_file()

@@ -170,3 +170,24 @@ def test_import_refuses_bad_inputs(tmp_path):
     (tmp_path / "cats.json").write_text(json.dumps([{"id": 5, "name": "x", "label": 91}]))
     with pytest.raises(ValueError, match=r"cats.json: labels \[91\] outside the model's 1..90"):
         import_torchvision("fasterrcnn_resnet50_fpn", tmp_path / "part.pth", tmp_path / "r4", tmp_path / "cats.json")
+
+
+def test_a_categories_entry_with_a_bad_id_or_label_is_named(tmp_path):
+    from twopass.detector.importer import categories_with_labels
+
+    for entry, message in (({"id": "x", "name": "cat"}, "categories[0] ('cat'): id 'x' is not an integer"),
+                           ({"id": 3, "name": "cat", "label": "7"}, "categories[0] ('cat'): label '7' is not an integer")):  # fmt: skip
+        (tmp_path / "cats.json").write_text(json.dumps([entry]))
+        with pytest.raises(ValueError) as e:
+            categories_with_labels(tmp_path / "cats.json", 91)
+        assert str(e.value) == f"--categories {tmp_path / 'cats.json'}: {message}"
+
+
+def test_import_onto_another_run_suggests_overwrite_only(tmp_path):
+    from twopass.detector.api import claim_run_folder
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"iter": 1, "loss": 2.0}\n')
+    with pytest.raises(ValueError) as e:
+        claim_run_folder(tmp_path / "run", resume=False, overwrite=False, resumable=False)
+    assert str(e.value).endswith("holds another run; pass --overwrite to replace it")

@@ -232,3 +232,25 @@ def test_retries_are_for_failures_that_can_pass():
     assert transient(None, None, state(RuntimeError("worker lost")))
     for e in (DataError("a.json: annotation 3 has bad bbox"), ValueError("bad"), FileNotFoundError(2, "missing", "x")):
         assert not transient(None, None, state(e))
+
+def test_no_retry_for_failures_a_retry_repeats_and_a_failed_training_is_named():
+    """A non-finite or diverging loss, out of memory, a full disk: deterministic, failed at once."""
+    from types import SimpleNamespace
+
+    from prefect.states import Failed
+
+    from twopass.detector.train import TrainingFailed
+    from twopass.flows.prefect_flows import FlowFailed, Shards, _finish
+    from twopass.flows.tasks import transient
+
+    loss = TrainingFailed("runs/x/models/a: iteration 2: loss is nan ({}); lower --lr")
+    for e in (loss, FloatingPointError("nan"), MemoryError(), RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"),
+              OSError(28, "No space left on device", "x.safetensors")):  # fmt: skip
+        assert not transient(None, None, Failed(data=e)), e
+    shards = Shards()
+    shards.add("train a", SimpleNamespace(wait=lambda: None, state=Failed(data=loss)))
+    with pytest.raises(FlowFailed) as e:
+        _finish(shards, "train_flow", "training")
+    assert str(e.value).startswith("train_flow: 1 training(s) failed (the other trainings finished")
+    assert str(e.value).splitlines()[-1] == f"  train a: TrainingFailed: {loss}"
+

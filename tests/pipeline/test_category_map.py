@@ -71,6 +71,7 @@ def test_json_and_yaml_maps_load_alike(tmp_path):
         ("cat: 1\n", "key 'cat' is not a class index"),
         ("-1: 1\n", "key -1 is not a class index"),
         ("0: 1\n'0': 3\n", "class index 0 appears twice"),
+        ("0: 1\n1: 3\n0: 7\n", "key 0 appears twice (lines 1 and 3)"),
         ("[1, 3, 7]\n", "a category map holds a mapping {class index: category id or name}, got list"),
         ("{}\n", "got an empty mapping"),
         ("0: [1\n", "not valid YAML"),
@@ -81,6 +82,13 @@ def test_bad_maps_are_named(tmp_path, text, message):
     with pytest.raises(ValueError) as e:
         CategoryMap.load(path, CATS)
     assert str(e.value).startswith(f"{path}: ") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_key_given_twice_in_json_is_refused(tmp_path):
+    path = write(tmp_path / "m.json", '{"0": 1, "1": 3, "0": 7}')
+    with pytest.raises(ValueError) as e:
+        CategoryMap.load(path, CATS)
+    assert str(e.value) == f"{path}: key '0' appears twice; give each class index once"
 
 
 def test_names_need_the_categories_and_json_must_parse(tmp_path):

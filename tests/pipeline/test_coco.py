@@ -84,6 +84,17 @@ def test_unreadable_and_resized_images(tmp_path):
         ds[0]
 
 
+def test_an_image_above_the_decompression_bomb_limit_is_one_data_error(tmp_path, monkeypatch):
+    ann, img = write_coco(tmp_path)  # 600 pixels; PIL refuses above twice its limit
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(DataError) as e:
+        CocoDataset(ann, img)[0]
+    assert str(e.value).startswith(f"{ann}: image_id 5: image file {img / 'a.png'} is too large to decode safely (")
+    assert "exceeds limit" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(DataError, match=rf"{img / 'a.png'}: image is too large to decode safely"):
+        ImageSet.from_folder(img)
+
+
 def test_bad_segmentation_is_named(tmp_path):
     ann, img = write_coco(tmp_path)
     data = json.loads(ann.read_text())

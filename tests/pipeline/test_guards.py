@@ -54,6 +54,55 @@ def test_an_output_that_is_an_input_is_refused(monkeypatch, capsys, data, ckpts,
     assert not (tmp_path / "inst.parquet").exists()
 
 
+def test_an_output_inside_an_image_folder_or_a_run_in_use_is_refused(monkeypatch, capsys, data, ckpts, tmp_path):
+    import shutil
+
+    ann, images = data / "annotations.json", data / "images"
+    run = tmp_path / "run_a"
+    shutil.copytree(ckpts["a"].parent.parent, run)
+    (run / "metrics.jsonl").write_text('{"iter": 1}\n')
+    results = tmp_path / "boxes.json"
+    results.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}]))
+    kept = [*sorted(images.iterdir()), *sorted((run / "checkpoints").iterdir()), run / "metrics.jsonl"]
+    before = snapshot(*kept)
+    detect = ("detect", "--checkpoint", run, "--images", images, "--ann", ann)
+    cases = [
+        ((*detect, "--out", images / "000001.png"), f"lies inside the input --images {images}"),
+        ((*detect, "--out", images / "new.parquet"), "refusing to write into an input folder"),
+        ((*detect, "--out", run / "checkpoints" / "iter_0000000.json"), f"lies inside the input --checkpoint {run / 'checkpoints'}"),
+        ((*detect[:2], run / "checkpoints" / "iter_0000000.json", *detect[3:], "--out", run / "metrics.jsonl"),
+         f"is the input --checkpoint {run / 'metrics.jsonl'}"),
+        (("segment", "--checkpoint", ckpts["seg"], "--detections", results, "--images", images, "--ann", ann,
+          "--out", tmp_path / "i.parquet", "--coco-json", images / "000002.png"), "--coco-json"),
+        (("images", images, "--out", images / "table.parquet"), f"lies inside the input FOLDER {images}"),
+        (("show", "--images", images, "--ann", ann, "--out", images), f"--out {images} is the input --images"),
+        (("train-detector", "--init", run, "--train-ann", ann, "--train-images", images, "--out", run, "--overwrite",
+          "--iters", "1", "--no-progress"), "is the input --init"),
+    ]  # fmt: skip
+    for args, message in cases:
+        code, err = run_main(monkeypatch, capsys, *args)
+        assert code == 2 and err.count("\n") == 1 and message in err, (args, err)
+    assert snapshot(*kept) == before
+    assert sorted(p.name for p in images.iterdir()) == [p.name for p in kept if p.parent == images]
+    assert not (tmp_path / "i.parquet").exists()
+
+
+def test_overwrite_never_removes_an_input(monkeypatch, capsys, data, ckpts, tmp_path):
+    import shutil
+
+    run = tmp_path / "run_a"
+    shutil.copytree(ckpts["a"].parent.parent, run)
+    before = snapshot(*(run / "checkpoints").iterdir())
+    code, err = run_main(monkeypatch, capsys, "train-detector", "--init", run / "checkpoints" / "iter_0000000.json", "--train-ann",
+                         data / "annotations.json", "--train-images", data / "images", "--out", run, "--overwrite", "--iters", "1")  # fmt: skip
+    assert code == 2 and "is the input --init" in err and str(run) in err
+    weights = run / "checkpoints" / "iter_0000000.safetensors"
+    code, err = run_main(monkeypatch, capsys, "import-torchvision", "--arch", "fasterrcnn_resnet50_fpn", "--weights", weights,
+                         "--out", run, "--overwrite")  # fmt: skip
+    assert code == 2 and err == f"twopass: error: --out {run}: replacing its run would remove the input --weights {weights}\n"
+    assert snapshot(*(run / "checkpoints").iterdir()) == before
+
+
 def test_fuse_refuses_to_overwrite_an_input(monkeypatch, capsys, tmp_path):
     boxes = tmp_path / "boxes.json"
     boxes.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}]))
@@ -103,6 +152,25 @@ def test_training_into_a_folder_with_another_run(monkeypatch, capsys, data, tiny
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert '"iteration": 7' not in lines[0] and (run / "checkpoints" / "last.json").is_file()
     assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+
+
+def test_a_non_finite_loss_is_one_line_and_the_same_command_retries(monkeypatch, capsys, data, tiny_model, tmp_path):
+    import yaml
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_model("tiny")))
+    run = tmp_path / "run"
+    args = ["train-detector", "--config", cfg, "--train-ann", data / "annotations.json", "--train-images", data / "images",
+            "--out", run, "--iters", "4", "--batch", "1", "--lr", "1e30", "--no-progress"]  # fmt: skip
+    code, err = run_main(monkeypatch, capsys, *args)
+    assert code == 2 and err.count("\n") == 1 and f"twopass: error: {run}: iteration " in err and "loss is nan" in err, err
+    assert "lower --lr" in err and not (run / "checkpoints").exists()
+    monkeypatch.setattr(sys, "argv", ["twopass", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        pcli.main()
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "holds another run" not in err and "loss is nan" in err  # it ran again
+    assert f"--out {run}: the run there failed at iteration " in out and "removing its metrics.jsonl and starting again" in out
 
 
 def test_os_errors_are_one_line_naming_the_path():
@@ -212,6 +280,24 @@ def test_fuse_checks_json_inputs_against_the_annotations(monkeypatch, capsys, da
     assert code == 2 and "image_id 999" in err and not (tmp_path / "f.parquet").exists()
 
 
+def test_fuse_checks_image_ids_against_an_images_table_and_says_what_it_cannot_check(monkeypatch, capsys, data, tmp_path):
+    ann = data / "annotations.json"
+    table = tmp_path / "images.parquet"
+    assert run_main(monkeypatch, capsys, "images", data / "images", "--out", table)[0] == 0
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    good.write_text(json.dumps(_results(ann)))
+    bad.write_text(json.dumps(_results(ann, image_id=9999)))
+    code, err = run_main(monkeypatch, capsys, "fuse", good, bad, "--images", table, "--out", tmp_path / "f.parquet")
+    assert code == 2 and err == f"twopass: error: {bad}: image_id 9999 is not an image of {table} (1 unknown image id(s))\n"
+    assert not (tmp_path / "f.parquet").exists()
+    code, err = run_main(monkeypatch, capsys, "fuse", good, "--images", table, "--out", tmp_path / "f.parquet")
+    assert code == 0 and err == f"twopass: warning: {good}: category ids not checked (give --images with the COCO annotations)\n"
+    code, err = run_main(monkeypatch, capsys, "fuse", good, bad, "--out", tmp_path / "g.parquet")
+    assert code == 0 and f"twopass: warning: {good}, {bad}: image ids and category ids not checked" in err
+    code, err = run_main(monkeypatch, capsys, "fuse", good, "--images", ann, "--out", tmp_path / "h.parquet")
+    assert code == 0 and err == ""
+
+
 def test_temp_files_of_killed_writers_are_swept(tmp_path):
     import subprocess
 
@@ -225,3 +311,68 @@ def test_temp_files_of_killed_writers_are_swept(tmp_path):
         live.write_text("{}")
         assert sweep_temp_files(tmp_path) == [stale] and live.exists() and not stale.exists()
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["live.json"]
+
+
+def test_the_next_write_of_a_file_sweeps_the_temp_files_killed_writers_left_of_it(tmp_path):
+    import subprocess
+
+    from twopass.pipeline.fileio import write_json
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".out.json.{dead}.k2j4h5.tmp"  # killed at the rename: a full-size copy
+    other = tmp_path / f".out.json.x.{dead}.k2j4h5.tmp"  # another file's, left for its own writer
+    live = tmp_path / f".out.json.{os.getpid()}.abcdef.tmp"  # a live writer's
+    for p in (stale, other, live):
+        p.write_text("{}")
+    write_json(tmp_path / "out.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([other.name, live.name, "out.json"])
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    from twopass.detector.checkpoint import save_checkpoint
+    from twopass.pipeline.categories import Categories
+    from twopass.pipeline.fileio import atomic_path
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError) as e:
+        save_checkpoint(tmp_path / "run", torch.nn.Linear(2, 3), kind="detector", config={}, categories=Categories((1,), ("x",)), iteration=1)
+    weights = tmp_path / "run" / "checkpoints" / "iter_0000001.safetensors"
+    assert pcli.error_line(e.value).startswith(f"{weights}: No space left on device (needs 0.0 MB, ") and "MB free there" in str(e.value)
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+    with pytest.raises(OSError) as e:
+        with atomic_path(tmp_path / "out.parquet") as tmp:
+            tmp.write_bytes(b"x" * 2_000_000)
+            raise OSError("Error writing bytes to file. Detail: [errno 28] No space left on device")  # as pyarrow words it
+    assert pcli.error_line(e.value).startswith(f"{tmp_path / 'out.parquet'}: No space left on device (needs more than 2.0 MB, ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_segment_writes_both_outputs_or_neither(monkeypatch, capsys, data, ckpts, tmp_path):
+    from twopass.pipeline import tables
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tables, "to_coco_results", full)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps(_results(data / "annotations.json")))
+    out, coco = tmp_path / "i.parquet", tmp_path / "i.json"
+    code, err = run_main(monkeypatch, capsys, "segment", "--checkpoint", ckpts["seg"], "--detections", boxes,
+                         "--images", data / "images", "--ann", data / "annotations.json", "--out", out, "--coco-json", coco)  # fmt: skip
+    assert code == 2 and err.startswith(f"twopass: error: {coco}: No space left on device") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["boxes.json", "data"]  # not the Parquet either
+
+
+def test_init_from_a_run_of_the_other_kind_names_the_kind(monkeypatch, capsys, data, ckpts, tmp_path):
+    code, err = run_main(monkeypatch, capsys, "train-detector", "--init", ckpts["seg"], "--train-ann", data / "annotations.json",
+                         "--train-images", data / "images", "--out", tmp_path / "r", "--iters", "1")  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "Extra inputs" not in err
+    assert f"--init {ckpts['seg']}: a segmenter run, and train-detector takes its config from it; give --config" in err
+    assert not (tmp_path / "r").exists()
