@@ -5,8 +5,8 @@ masks are compared with their own boxes): box AP, mask AP and their ratio.
 
 Training levers (one model each): 28x28 masks (RoI pool 14 instead of 7), a wider mask head
 (64 channels instead of 32), more training positives an image (32 instead of 16).
-Inference levers, on the demo's segmenter: the mask threshold (0.4, 0.6 against 0.5) and mask
-TTA (a mirrored view averaged in). Masks come from pass two (`segment_images`) on the model's
+Inference levers, on the demo's segmenter: the mask threshold (0.3, 0.4, 0.6 against 0.5), mask
+TTA (a mirrored view averaged in), and both. Masks come from pass two (`segment_images`) on the model's
 own boxes, so box AP is the same within a model and only the masks change.
 
     python benchmarks/mask_levers.py --data RUN/data [--seeds 0,1] [--budget 216] [--only base,m28]
@@ -48,7 +48,8 @@ def variant(**mask) -> dict:
 
 TRAINED = {"base": variant(), "m28": variant(pool_size=14), "wide64": variant(conv_dim=64), "pos32": variant(max_positives_per_image=32)}
 # inference levers on the base model: (mask threshold, flip view)
-INFERRED = {"thresh0.4": (0.4, False), "thresh0.6": (0.6, False), "flip_tta": (0.5, True)}
+INFERRED = {"thresh0.3": (0.3, False), "thresh0.4": (0.4, False), "thresh0.6": (0.6, False), "flip_tta": (0.5, True),
+            "thresh0.4_flip": (0.4, True)}
 
 
 def scores(gt: dict, table) -> dict[str, float]:
