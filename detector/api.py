@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from twopass.pipeline.coco import CocoDataset, ImageSet
+from twopass.pipeline.devices import check_device
 from twopass.pipeline.fileio import Inputs, OutputError, check_outputs, read_json, sweep_temp_files
 from twopass.pipeline.precision import check_precision
 from twopass.pipeline.settings import DETECT, DetectSettings
@@ -33,7 +34,7 @@ from .config import ConfigError, ModelConfig, config_from_dict, load_config
 from .infer import View, detect, make_validator, make_views
 from .model import build_detector
 from .speed import optimize_for_inference
-from .train import TrainOptions, TrainResult, train
+from .train import TrainOptions, TrainResult, check_train_device, train
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,7 @@ def train_model(
         raise ValueError("--init and --backbone-weights: give one (the --init run holds a backbone)")
     if (val_ann is None) != (val_images is None):
         raise ValueError("--val-ann and --val-images go together")
-    if options.device not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {options.device!r}")
+    check_train_device(options.device)
     # (a run folder inside an image folder adds no image and replaces none: its names are fixed)
     inputs = {"--train-ann": train_ann, "--val-ann": val_ann, "--backbone-weights": backbone_weights,
               "--init": files_in_use(init) if init is not None and Path(init).exists() else None}  # fmt: skip
@@ -222,8 +222,7 @@ def load_for_inference(kind: ModelKind, checkpoint: str | Path, device: str = "c
     """The model of a checkpoint (JSON, .safetensors or run folder), in eval mode; `fast`:
     BatchNorm folded and channels-last on CPU (`detector.speed`). Remembered per checkpoint
     content within the process, so the shards of a run load each model once."""
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    check_device(device)
     path = resolve(checkpoint)
     weights = path.with_suffix(".safetensors")
     stamp = [(p.stat().st_size, p.stat().st_mtime_ns) for p in (path, weights) if p.is_file()]

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from twopass.pipeline.devices import DEVICE_HELP
 from twopass.pipeline.settings import DETECT, DetectSettings, help_of
 
 
@@ -37,7 +38,7 @@ def make_train_command(kind: str, load_kind: Callable[[], Any]) -> Callable[...,
         iters: Annotated[int, typer.Option(help="Total iterations.")] = 1000,
         batch: Annotated[int, typer.Option(help="Images per process and iteration.")] = 2,
         lr: Annotated[Optional[float], typer.Option(help="LR for the config's train.base_batch images; scaled linearly with the real total batch. Default: the config's base_lr.")] = None,
-        device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+        device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
         val_ann: Annotated[Optional[Path], typer.Option(help="Validation COCO annotations JSON.")] = None,
         val_images: Annotated[Optional[Path], typer.Option(help="Validation image folder.")] = None,
         val_every: Annotated[Optional[int], typer.Option(help="Validate every N iterations (0: at the end only).")] = None,
@@ -103,10 +104,11 @@ def detect(
     max_per_image: Annotated[int, typer.Option(help=help_of(DetectSettings, "max_per_image"))] = DETECT.max_per_image,
     batch: Annotated[int, typer.Option(help=help_of(DetectSettings, "batch"))] = DETECT.batch,
     precision: Annotated[str, typer.Option(help=help_of(DetectSettings, "precision"))] = DETECT.precision,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
     name: Annotated[Optional[str], typer.Option(help="Model name in the source column (default: the config's name).")] = None,
     fast: Annotated[bool, typer.Option(help="Fold frozen BatchNorm into convolutions, channels-last on CPU.")] = True,
     with_masks: Annotated[bool, typer.Option(help="A segmenter checkpoint only: write its end-to-end instances (boxes and masks).")] = False,
+    coco_json: Annotated[Optional[Path], typer.Option(help="Also write the detections (or instances) as a COCO results JSON.")] = None,
 ) -> None:
     """Run a trained detector, or a segmenter end to end, over images with test-time augmentation;
     write a detections (or, --with-masks, instances) table."""
@@ -114,6 +116,7 @@ def detect(
     from twopass.pipeline.coco import ImageSet
     from twopass.pipeline.config import validate_mapping
     from twopass.pipeline.fileio import check_outputs
+    from twopass.pipeline.tables import write_results
 
     from .api import detect_images, load_any, views_of
     from .checkpoint import files_in_use
@@ -122,7 +125,7 @@ def detect(
                                                          precision=precision),
                                 "twopass detect", ValueError, "setting")  # fmt: skip
     scales = parse_scales(tta_scales)
-    check_outputs({"--out": out}, {"--ann": ann, "--images": images, "--checkpoint": files_in_use(checkpoint)})
+    check_outputs({"--out": out, "--coco-json": coco_json}, {"--ann": ann, "--images": images, "--checkpoint": files_in_use(checkpoint)})
     loaded = load_any(checkpoint, device, fast)
     if with_masks and loaded.meta.kind != "segmenter":
         raise ValueError(f"--with-masks: {loaded.meta.path} is a {loaded.meta.kind!r} checkpoint, which has no mask head")
@@ -130,8 +133,9 @@ def detect(
     views = views_of(loaded.meta.path, scales, tta_flip)
     with progress_bar() as bar:
         task = bar.add_task("detect", total=len(image_set))
-        table, meta = detect_images(loaded, image_set, views, settings, name=name, device=device, out=out, with_masks=with_masks,
+        table, meta = detect_images(loaded, image_set, views, settings, name=name, device=device, with_masks=with_masks,
                                     progress=lambda k: bar.update(task, completed=k))  # fmt: skip
+    write_results(out, table, meta, coco_json)  # both outputs or neither
     typer.echo(f"wrote {out}: {table.num_rows} {meta.kind}, {len(image_set)} images, views {', '.join(meta.extra['views'])}")
 
 

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from twopass.pipeline.categories import Categories
+from twopass.pipeline.devices import DeviceError, check_device
 from twopass.pipeline.precision import autocast, check_precision, grad_scaler
 
 from .backbone import convert_sync_batchnorm
@@ -148,12 +149,20 @@ class DistInfo:
             dist.barrier()
 
 
+def check_train_device(device: str) -> torch.device:
+    """`check_device`, and under torchrun cpu or cuda only: each process takes the GPU of its
+    LOCAL_RANK (an index would put them all on one), and MPS has no process-group backend."""
+    dev = check_device(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and (dev.index is not None or dev.type == "mps"):
+        raise DeviceError(f"--device {device}: under torchrun ({world} processes) give cpu or cuda (each process takes cuda:LOCAL_RANK)")
+    return dev
+
+
 def setup_distributed(device: str) -> DistInfo:
     """One process, or the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
+    dev = check_train_device(device)
     if world <= 1:
         return DistInfo(0, 1, dev)
     local = int(os.environ.get("LOCAL_RANK", "0"))

@@ -14,18 +14,20 @@ import pyarrow.compute as pc
 
 from twopass.pipeline.categories import Categories, CategoryMap
 from twopass.pipeline.settings import FUSE, FuseSettings
-from twopass.pipeline.tables import TableMeta, read_results, write_table
+from twopass.pipeline.tables import TableMeta, image_sizes_of, read_results, write_table
 
 from .table_fusion import fuse
 
 
 def read_inputs(inputs: Sequence[str | Path | pa.Table], categories: Categories | None = None, source: str = "",
-                category_map: str | Path | None = None) -> tuple[list[pa.Table], Categories | None]:  # fmt: skip
+                category_map: str | Path | None = None,
+                image_sizes: Mapping[int, Any] | None = None) -> tuple[list[pa.Table], Categories | None]:  # fmt: skip
     """Tables of all inputs (files, or tables as they are) and their category list; Parquet
     category lists must agree (with `categories`, from `source`, when given). COCO results JSON
     files record no categories: their ids are checked against the list. `category_map`: a map
     file (`CategoryMap.load`) for the COCO results JSON inputs, whose `category_id`s are another
-    tool's class indices; Parquet files and tables hold category ids already."""
+    tool's class indices; Parquet files and tables hold category ids already. `image_sizes`
+    ({image_id: (height, width)}): what the COCO results JSON's polygon masks are rasterised at."""
     tables: list[Any] = [t if isinstance(t, pa.Table) else None for t in inputs]
     paths = [None if isinstance(p, pa.Table) else Path(p) for p in inputs]
     first = source if categories is not None else None
@@ -45,7 +47,7 @@ def read_inputs(inputs: Sequence[str | Path | pa.Table], categories: Categories 
         cmap = CategoryMap.load(category_map, categories)
     for i, path in enumerate(paths):
         if tables[i] is None:
-            tables[i], _ = read_results(path, categories, cmap)
+            tables[i], _ = read_results(path, categories, cmap, image_sizes)
         elif path is not None and categories is not None and tables[i].num_rows:
             categories.to_labels(tables[i].column("category_id").to_numpy(), source=str(path))
     return tables, categories
@@ -54,10 +56,13 @@ def read_inputs(inputs: Sequence[str | Path | pa.Table], categories: Categories 
 def check_image_ids(tables: Sequence[pa.Table], names: Sequence[str], image_sizes: Mapping[int, Any] | pa.Table, where: str) -> None:
     """Every row's image_id is an image of `image_sizes` ({id: (h, w)} or an images table, from
     `where`); the first input with others is named, with its first unknown id."""
-    known = image_sizes.column("image_id") if isinstance(image_sizes, pa.Table) else pa.array(list(map(int, image_sizes)), pa.int64())
+    known = image_sizes.column("image_id") if isinstance(image_sizes, pa.Table) else None
     for name, t in zip(names, tables):
         ids = t.column("image_id")
-        unknown = pc.unique(ids.filter(pc.invert(pc.is_in(ids, value_set=known.cast(ids.type))))).to_pylist()
+        if known is not None:
+            unknown = pc.unique(ids.filter(pc.invert(pc.is_in(ids, value_set=known.cast(ids.type))))).to_pylist()
+        else:  # a mapping is asked about the ids at hand only (a shard's, of a large image set's sizes)
+            unknown = [i for i in pc.unique(ids).to_pylist() if i not in image_sizes]
         if unknown:
             raise ValueError(f"{name}: image_id {sorted(unknown)[0]} is not an image of {where} ({len(unknown)} unknown image id(s))")
 
@@ -85,7 +90,8 @@ def fuse_files(
     dataset's list, which every input must use (`dataset` names it). `category_map`: a map file
     from another tool's class indices to category ids, for the COCO results JSON inputs
     (`read_inputs`). Written to `out` when given; returns (fused detections, meta)."""
-    tables, categories = read_inputs(inputs, categories, dataset or "", category_map)
+    sizes = image_sizes_of(image_sizes) if isinstance(image_sizes, pa.Table) else image_sizes
+    tables, categories = read_inputs(inputs, categories, dataset or "", category_map, sizes)
     if image_ids is not None:
         wanted = pa.array(list(map(int, image_ids)), pa.int64())
         tables = [t.filter(pc.is_in(t.column("image_id"), value_set=wanted)) for t in tables]

@@ -66,6 +66,7 @@ def register(app: typer.Typer) -> None:
             Optional[Path], typer.Option(help="JSON or YAML map from another tool's class indices to category ids (or names), "
                                               "for the COCO results JSON inputs; see the README.")
         ] = None,
+        coco_json: Annotated[Optional[Path], typer.Option(help="Also write the fused detections as a COCO results JSON.")] = None,
     ) -> None:
         """Fuse detections of several models and test-time views: WBF, Soft-NMS or NMS per image and category (--labels vote: across them)."""
         # Not validated here: `ensemble.fuse` checks every value and names it.
@@ -73,7 +74,7 @@ def register(app: typer.Typer) -> None:
                                                 sigma=sigma, decay=decay, thresh=thresh, rescore=rescore, max_per_image=max_per_image,
                                                 labels=labels)  # fmt: skip
         try:
-            _fuse(inputs, out, weights, images, source, settings, category_map)
+            _fuse(inputs, out, weights, images, source, settings, category_map, coco_json)
         except (ValueError, OSError) as e:
             from twopass.pipeline.cli import error_line
 
@@ -82,17 +83,20 @@ def register(app: typer.Typer) -> None:
 
 
 def _fuse(inputs: list[Path], out: Path, weights: str | None, images: Path | None, source: str | None, settings: FuseSettings,
-          category_map: Path | None) -> None:  # fmt: skip
+          category_map: Path | None, coco_json: Path | None = None) -> None:  # fmt: skip
     from twopass.pipeline.fileio import check_outputs
+    from twopass.pipeline.tables import write_results
 
     from .api import fuse_files
 
-    check_outputs({"--out": out}, {**{f"#{i + 1}": p for i, p in enumerate(inputs)}, "--images": images, "--category-map": category_map})
+    check_outputs({"--out": out, "--coco-json": coco_json},
+                  {**{f"#{i + 1}": p for i, p in enumerate(inputs)}, "--images": images, "--category-map": category_map})
     # --images as COCO annotations: every input's images and categories are checked against it
     sizes, categories = _read_images(images) if images is not None else (None, None)
-    fused, meta = fuse_files(inputs, settings, weights=_parse_weights(weights), source=source, producer="twopass fuse", out=out,
+    fused, meta = fuse_files(inputs, settings, weights=_parse_weights(weights), source=source, producer="twopass fuse",
                              image_sizes=sizes, categories=categories, dataset=None if images is None else str(images), category_map=category_map,
                              extra={"images": None if images is None else str(images)})  # fmt: skip
+    write_results(out, fused, meta, coco_json)  # both outputs or neither
     # COCO results JSON name no image set and no category list: say what nothing checked
     json_inputs = [str(p) for p in inputs if p.suffix.lower() == ".json"]
     unchecked = [w for w, known in (("image ids", images is not None), ("category ids", meta.categories is not None)) if not known]

@@ -38,8 +38,9 @@ def fuse_shard(run_dir, fusion: FuseSettings, inputs: Sequence[str | Path], weig
         return str(plan.out)
     t0 = time.perf_counter()
     image_set = open_images(data)
+    # every image's size: a COCO results JSON input's polygon masks are rasterised before the shard's rows are taken
     fused, meta = fuse_files(
-        inputs, fusion, weights=weights, image_sizes={int(i): image_set.size(i) for i in ids}, image_ids=ids,
+        inputs, fusion, weights=weights, image_sizes=image_set.sizes(), image_ids=ids,
         source=f"fused:{fusion.method}", dataset=dataset_label(data), out=plan.out,
         extra={"image_ids": list(map(int, ids)), "key": plan.key},
     )  # fmt: skip

@@ -57,14 +57,23 @@ def _run(out: Path, names: list[str], spec, *args: Any) -> Any:
     return result
 
 
-def _load(config: Path, out: Path, workers: int = 1, parallel: bool = False):
+def _load(config: Path, out: Path, workers: int = 1, parallel: bool = False, spec=None):
+    """The pipeline config, checked before anything is written under `out`; with `spec` (the
+    task runner of a flow that computes) its device too, where the tasks run on this machine
+    (on an existing Dask cluster's workers each task checks it where it runs)."""
     from twopass.pipeline.config import load_pipeline_config
+    from twopass.pipeline.devices import check_device
+    from twopass.pipeline.threads import set_wait_policy
 
     from .env import configure
 
-    configure(out, parallel=parallel or workers > 1)  # before anything imports torch or Prefect
-
-    return load_pipeline_config(config)
+    parallel = parallel or workers > 1
+    set_wait_policy(parallel)  # before anything imports torch (check_device does)
+    cfg = load_pipeline_config(config)
+    if spec is not None and spec.dask_address is None:
+        check_device(cfg.device, f"{config}: device")
+    configure(out, parallel=parallel)  # before anything imports Prefect; makes OUT/prefect
+    return cfg
 
 
 def _fail(e: Exception) -> None:
@@ -101,7 +110,7 @@ def train_cmd(
 ) -> None:
     """train_flow: train the configured detectors and the segmenter (finished ones are reused)."""
     spec = _runner(task_runner, workers, dask_address)
-    cfg = _load(config, out, spec.workers, parallel)
+    cfg = _load(config, out, spec.workers, parallel, spec)
     result = _run(out, ["train"], spec, cfg, str(out), parallel)
     for name, path in result.items():
         typer.echo(f"{name}: {path}")
@@ -118,7 +127,7 @@ def run_cmd(
 ) -> None:
     """two_pass_flow: detect (all detectors and views) -> fuse -> segment -> evaluate, per shard."""
     spec = _runner(task_runner, workers, dask_address)
-    cfg = _load(config, out, spec.workers)
+    cfg = _load(config, out, spec.workers, spec=spec)
     t0 = time.perf_counter()
     result = _run(out, ["train", "two-pass"] if train else ["two-pass"], spec, cfg, str(out))
     _summary(result, out, time.perf_counter() - t0)
@@ -128,7 +137,7 @@ def run_cmd(
 def detect_cmd(config: ConfigOpt, out: OutOpt, task_runner: RunnerOpt = "threads", workers: WorkersOpt = None, dask_address: DaskOpt = None) -> None:
     """detect_flow: every detector (all its views) on every shard; one detections file each."""
     spec = _runner(task_runner, workers, dask_address)
-    cfg = _load(config, out, spec.workers)
+    cfg = _load(config, out, spec.workers, spec=spec)
     result = _run(out, ["detect"], spec, cfg, str(out))
     for name, path in result.items():
         typer.echo(f"{name}: {path}")
@@ -180,7 +189,7 @@ def segment_cmd(
 ) -> None:
     """segment_flow: pass two alone on a detections file (the rerun path when new boxes arrive)."""
     spec = _runner(task_runner, workers, dask_address)
-    cfg = _load(config, out, spec.workers)
+    cfg = _load(config, out, spec.workers, spec=spec)
     if not detections.is_file():
         raise FileNotFoundError(f"--detections {detections}: no such file")
     path = _run(out, ["segment"], spec, cfg, str(detections.resolve()), str(out),
@@ -252,6 +261,7 @@ def demo(
     val_images: Annotated[int, typer.Option(help="Synthetic validation images (pass one and two run on these).")] = 50,
     budget: Annotated[float, typer.Option(help="Training time of the three models together, seconds.")] = 540.0,
     difficulty: Annotated[str, typer.Option(help="Synthetic data level: easy (calm backgrounds, distinct shapes) | standard | hard.")] = "easy",
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 | fp16 for every model's training and inference (bf16 pays on CPUs with native bfloat16).")] = "fp32",
     task_runner: RunnerOpt = "threads",
     workers: WorkersOpt = None,
     dask_address: DaskOpt = None,
@@ -285,7 +295,7 @@ def demo(
         with progress_bar() as bar:
             task = bar.add_task(f"synth {split} ({difficulty})", total=n)
             generate(data / split, n, SIZE, seed, difficulty=difficulty, progress=lambda k: bar.update(task, completed=k))
-    cfg = demo_config(data, train_budget_s=budget)
+    cfg = demo_config(data, train_budget_s=budget, precision=precision)
     write_pipeline_config(out / "pipeline.yaml", cfg)
     typer.echo(f"config: {out / 'pipeline.yaml'} (rerun with `twopass flow run --config {out / 'pipeline.yaml'} --out {out}`)")
     result = _run(out, ["train", "two-pass"], spec, cfg, str(out))

@@ -62,13 +62,18 @@ SEGMENTER = _model(
 SHARES = {"r18_fpn": 0.3, "shufflev2_lsd": 0.3, "r18_lsh_seg": 0.4}
 
 
-def demo_config(data_dir: str | Path, train_budget_s: float = 540.0, iters: int = 5000, batch: int = 4, shard_size: int = 16) -> PipelineConfig:
+def demo_config(data_dir: str | Path, train_budget_s: float = 540.0, iters: int = 5000, batch: int = 4, shard_size: int = 16,
+                precision: str = "fp32") -> PipelineConfig:  # fmt: skip
     """Pipeline config for the demo's data under `data_dir` (train/ and val/);
-    `train_budget_s` seconds of training in all, shared as SHARES says."""
+    `train_budget_s` seconds of training in all, shared as SHARES says; `precision` of every
+    model's training and inference (fp32: bf16 was slower on a CPU without native bfloat16,
+    docs/results.md)."""
     data_dir = Path(data_dir).resolve()
+    # the key only where it is not the default: the fp32 demo's cache keys stay those of earlier runs
+    prec = {"precision": precision} if precision != "fp32" else {}
 
     def train(name: str) -> dict[str, Any]:
-        return {"iters": iters, "batch": batch, "time_budget_s": round(train_budget_s * SHARES[name], 1)}
+        return {"iters": iters, "batch": batch, "time_budget_s": round(train_budget_s * SHARES[name], 1), **prec}
 
     views = {"scales": [SIZE, 160], "flip": True}
     return PipelineConfig.model_validate(
@@ -82,8 +87,8 @@ def demo_config(data_dir: str | Path, train_budget_s: float = 540.0, iters: int 
                 "shard_size": shard_size,
             },
             "detectors": [
-                {"name": "r18_fpn", "model": R18_FPN, "train": train("r18_fpn"), "tta": views},
-                {"name": "shufflev2_lsd", "model": SHUFFLE_LSD, "train": train("shufflev2_lsd"), "tta": views},
+                {"name": "r18_fpn", "model": R18_FPN, "train": train("r18_fpn"), "tta": views, **prec},
+                {"name": "shufflev2_lsd", "model": SHUFFLE_LSD, "train": train("shufflev2_lsd"), "tta": views, **prec},
             ],
             "fusion": {"method": "wbf", "iou_thr": 0.55, "skip_box_thr": 0.001},
             "segmenter": {
@@ -92,6 +97,7 @@ def demo_config(data_dir: str | Path, train_budget_s: float = 540.0, iters: int 
                 "train": train("r18_lsh_seg"),
                 "tta": {"scales": [SIZE], "flip": True},
                 "own_boxes": {"weight": 1.0, "tta": views},  # its own boxes are the third member of the fusion
+                **prec,
             },
             # A few minutes of training from scratch give low scores: show each image's best boxes.
             "evaluation": {"overlays": 4, "score_thresh": 0.0, "overlay_top": 8},

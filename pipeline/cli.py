@@ -132,7 +132,7 @@ def show(
     image_set = gt.image_set(images) if gt else ImageSet.from_folder(images)
     panels, categories = [], gt.categories if gt else None
     for r in results or []:
-        table, meta = read_results(r, categories)
+        table, meta = read_results(r, categories, image_sizes=image_set.sizes())
         categories = categories or meta.categories
         panels.append((r.stem, table))
     if categories is None:

@@ -2,21 +2,24 @@
 
 Every bad input raises `DataError` naming the file and the image (or annotation) id: nothing
 is skipped silently. Images come back as RGB whatever their mode (grayscale, RGBA, palette,
-16-bit).
+16-bit), turned upright by their EXIF orientation as Detectron2's `read_image` does (a
+camera's portrait JPEG is stored sideways with a tag saying so); image sizes read from file
+headers are the upright sizes too.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from pycocotools import mask as mask_utils
 
 from .categories import Categories
@@ -43,12 +46,48 @@ def safe_image_path(root: Path, file_name: str, where: str) -> Path:
     return path
 
 
+# EXIF orientations that swap height and width (transpose, rotate 270, transverse, rotate 90)
+_SWAPS_AXES = (5, 6, 7, 8)
+
+
+def image_header(path: Path) -> tuple[int, int, int]:
+    """(height, width, EXIF orientation) of an image file as stored, read without decoding its
+    pixels; the orientation is the one `ImageOps.exif_transpose` applies (1: none)."""
+    with Image.open(path) as im:
+        if im.format == "PNG" and "exif" not in im.info:
+            # PIL looks for a PNG's eXIf chunk after the image data only once the pixels are
+            # decoded: walk the chunks instead. An empty exif keeps getexif() from decoding.
+            im.info["exif"] = _png_exif_after_data(path) or b""
+        return im.height, im.width, int(im.getexif().get(ExifTags.Base.Orientation, 1) or 1)
+
+
+def _png_exif_after_data(path: Path) -> bytes | None:
+    """A PNG's eXIf chunk that follows its IDAT chunks (as PIL keeps it in `info`), if any."""
+    with open(path, "rb") as f:
+        f.seek(8)  # the signature
+        while len(header := f.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"eXIf":
+                return b"Exif\x00\x00" + f.read(length)
+            if kind == b"IEND":
+                return None
+            f.seek(length + 4, os.SEEK_CUR)  # the data and the CRC
+    return None
+
+
+def upright_size(height: int, width: int, orientation: int) -> tuple[int, int]:
+    """(height, width) of a stored image once its EXIF orientation is applied."""
+    return (width, height) if orientation in _SWAPS_AXES else (height, width)
+
+
 def load_image(path: Path, where: str = "") -> torch.Tensor:
-    """Read an image file as a UInt8Tensor[3, H, W] RGB. 16-bit data is scaled to 8 bits."""
+    """Read an image file as a UInt8Tensor[3, H, W] RGB, upright by its EXIF orientation
+    (`ImageOps.exif_transpose`, as Detectron2's `read_image`). 16-bit data is scaled to 8 bits."""
     label = where or str(path)
     try:
         with Image.open(path) as im:
             im.load()
+            ImageOps.exif_transpose(im, in_place=True)  # no copy when there is nothing to turn
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 a = np.asarray(im, dtype=np.float64)
                 # 16-bit images (PNG "I;16" or "I" holding 0..65535) scale to 0..255.
@@ -123,11 +162,10 @@ class ImageSet:
         sizes = []
         for f in files:
             try:
-                with Image.open(root / f) as im:
-                    sizes.append((im.height, im.width))
+                sizes.append(upright_size(*image_header(root / f)))
             except Image.DecompressionBombError as e:
                 raise DataError(f"{root / f}: image is too large to decode safely ({e}); downscale it") from None
-            except OSError as e:
+            except (OSError, SyntaxError, ValueError) as e:  # SyntaxError: PIL's word for a malformed EXIF block
                 raise DataError(f"{root / f}: cannot read image header ({e})") from e
         table = images_table(range(1, len(files) + 1), files, [s[0] for s in sizes], [s[1] for s in sizes])
         return cls(table, root, source=str(root))
@@ -162,6 +200,11 @@ class ImageSet:
         r = self._index(image_id)
         return int(self._h[r]), int(self._w[r])
 
+    def sizes(self) -> Mapping[int, tuple[int, int]]:
+        """{image_id: (height, width)} as declared in the table: a view, looked up on demand (a
+        shard of a large set takes it without copying every image's size)."""
+        return _Sizes(self)
+
     def path(self, image_id: int) -> Path:
         r = self._index(image_id)
         return safe_image_path(self.root, self._names[r], f"{self.source}: image_id {image_id}")
@@ -172,8 +215,31 @@ class ImageSet:
         img = load_image(self.path(image_id), where)
         h, w = self.size(image_id)
         if tuple(img.shape[1:]) != (h, w):
+            sh, sw, orientation = image_header(self.path(image_id))
+            if orientation in _SWAPS_AXES:  # the sizes were likely taken from the stored pixels
+                raise DataError(f"{where}: image file is {sh}x{sw} (HxW) as stored but its EXIF orientation {orientation} turns it "
+                                f"to {img.shape[1]}x{img.shape[2]}; annotations say {h}x{w} (made on the unturned pixels? "
+                                "turn the file upright and drop its orientation tag, or fix the annotations)")  # fmt: skip
             raise DataError(f"{where}: image file is {img.shape[1]}x{img.shape[2]} (HxW), annotations say {h}x{w}")
         return img
+
+
+class _Sizes(Mapping):
+    """`ImageSet.sizes`: {image_id: (height, width)}."""
+
+    def __init__(self, images: ImageSet):
+        self._images = images
+
+    def __getitem__(self, image_id: int) -> tuple[int, int]:
+        if image_id not in self._images:
+            raise KeyError(image_id)
+        return self._images.size(image_id)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._images.image_ids)
+
+    def __len__(self) -> int:
+        return len(self._images)
 
 
 @dataclass

@@ -37,6 +37,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .devices import DEVICE_HELP, DEVICE_PATTERN
 from .settings import DetectSettings, FuseSettings, Precision, SegmentSettings
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -141,7 +142,7 @@ class PipelineConfig(_Strict):
     fusion: FuseSettings = FuseSettings()
     segmenter: SegmenterSpec
     evaluation: EvaluationConfig = EvaluationConfig()
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: str = Field("cpu", pattern=DEVICE_PATTERN, description=f"{DEVICE_HELP}; checked against torch where the tasks run.")
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":

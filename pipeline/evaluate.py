@@ -181,7 +181,8 @@ def evaluate(
     gt_coco = _load_gt(gt, backend)
     categories = Categories.from_coco(gt_coco.dataset["categories"])
     if isinstance(results, (str, Path)):
-        results, meta = read_results(results)
+        sizes = {int(im["id"]): (im["height"], im["width"]) for im in gt_coco.dataset["images"]}  # for polygon masks
+        results, meta = read_results(results, image_sizes=sizes)
         if meta.categories is not None:
             categories.check_same(meta.categories, f"{what} against the ground truth")
     cols = _columns(results, what)

@@ -55,9 +55,10 @@ def render_pictures(run_dir: str | Path, config: PipelineConfig, fused: str | No
 
 
 def _thumbnail(path: Path, width: int = 720) -> str:
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(path) as im:
+        ImageOps.exif_transpose(im, in_place=True)  # every image read is upright (pipeline.coco.load_image)
         im = im.convert("RGB")
         if im.width > width:
             im = im.resize((width, round(im.height * width / im.width)))

@@ -10,10 +10,11 @@ Masks: COCO compressed RLE of the full original image, as pycocotools encodes it
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -204,6 +205,18 @@ def write_table(path: str | Path, table: pa.Table, meta: TableMeta) -> Path:
     return path
 
 
+def write_results(path: str | Path, table: pa.Table, meta: TableMeta, coco_json: str | Path | None = None) -> Path:
+    """`write_table`, and with `coco_json` the same rows as a COCO results JSON (`to_coco_results`):
+    both files or neither, each written to a temp file and renamed once both are written."""
+    with contextlib.ExitStack() as stack:
+        tmp_out = stack.enter_context(atomic_path(path))
+        tmp_json = stack.enter_context(atomic_path(coco_json)) if coco_json is not None else None
+        write_table(tmp_out, table, meta)
+        if tmp_json is not None:
+            tmp_json.write_text(json.dumps(to_coco_results(table)))
+    return Path(path)
+
+
 def read_meta(path: str | Path) -> TableMeta:
     path = Path(path)
     try:
@@ -267,11 +280,42 @@ def to_coco_results(table: pa.Table) -> list[dict]:
     return [dict(zip(cols, values)) for values in zip(*cols.values())]
 
 
-def from_coco_results(results: list[dict], source: str, what: str = "results", category_map: CategoryMap | None = None) -> pa.Table:
+def image_sizes_of(images: pa.Table) -> dict[int, tuple[int, int]]:
+    """{image_id: (height, width)} of an images table."""
+    ids, h, w = (images.column(c).to_pylist() for c in ("image_id", "height", "width"))
+    return dict(zip(ids, zip(h, w)))
+
+
+def result_rle(seg: Any, image_id: int, image_sizes: Mapping[int, tuple[float, float]] | None, where: str) -> dict:
+    """A COCO result's `segmentation` as compressed RLE, as pycocotools' `COCO.annToRLE` makes
+    it: polygons rasterised at the image's size (from `image_sizes`, {image_id: (height, width)})
+    and merged, uncompressed RLE compressed. `where` names the entry in errors."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(seg, list):
+        if not seg or any(not isinstance(p, list) or len(p) < 6 or len(p) % 2 for p in seg):
+            raise ValueError(f"{where}: a polygon segmentation is a list of [x1, y1, x2, y2, ...] lists of at least 3 points")
+        size = None if image_sizes is None else image_sizes.get(int(image_id))
+        if size is None:
+            known = ("no image sizes are given (give the images' COCO annotations or images table)" if image_sizes is None
+                     else f"image_id {image_id} is not among the {len(image_sizes)} images given")  # fmt: skip
+            raise ValueError(f"{where}: segmentation is a polygon, which needs its image's height and width, and {known}")
+        h, w = (int(round(float(v))) for v in size)
+        return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
+    if not (isinstance(seg, dict) and "size" in seg and "counts" in seg):
+        raise ValueError(f"{where}: segmentation must be RLE or polygons")
+    if isinstance(seg["counts"], list):  # uncompressed RLE -> compressed
+        return mask_utils.frPyObjects(seg, *seg["size"])
+    return seg
+
+
+def from_coco_results(results: list[dict], source: str, what: str = "results", category_map: CategoryMap | None = None,
+                      image_sizes: Mapping[int, tuple[float, float]] | None = None) -> pa.Table:  # fmt: skip
     """COCO results list -> detections table, or instances table if every entry has a segmentation.
 
     XYWH is converted in float64 from float32 inputs, so Parquet -> JSON -> Parquet is exact.
     `category_map`: the entries' `category_id`s are another tool's class indices, mapped through it.
+    `image_sizes` ({image_id: (height, width)}): what polygon masks are rasterised at (`result_rle`).
     """
     from pycocotools import mask as mask_utils
 
@@ -286,10 +330,7 @@ def from_coco_results(results: list[dict], source: str, what: str = "results", c
                 raise ValueError(f"{what}: entry {i} has no {key!r}")
         seg = r.get("segmentation")
         if seg is not None:
-            if not (isinstance(seg, dict) and "size" in seg and "counts" in seg):
-                raise ValueError(f"{what}: entry {i} (image_id {r['image_id']}): segmentation must be RLE")
-            if isinstance(seg["counts"], list):  # uncompressed RLE -> compressed
-                seg = mask_utils.frPyObjects(seg, *seg["size"])
+            seg = result_rle(seg, r["image_id"], image_sizes, f"{what}: entry {i} (image_id {r['image_id']})")
             rles.append(seg)
         bbox = r.get("bbox")
         if bbox is None:
@@ -318,13 +359,15 @@ def from_coco_results(results: list[dict], source: str, what: str = "results", c
     return table
 
 
-def read_results(path: str | Path, categories: Categories | None = None,
-                 category_map: CategoryMap | None = None) -> tuple[pa.Table, TableMeta]:  # fmt: skip
+def read_results(path: str | Path, categories: Categories | None = None, category_map: CategoryMap | None = None,
+                 image_sizes: Mapping[int, tuple[float, float]] | None = None) -> tuple[pa.Table, TableMeta]:  # fmt: skip
     """Read detections or instances from a twopass Parquet file or a COCO results JSON (whose
-    class indices `category_map` maps to category ids, when given)."""
+    class indices `category_map` maps to category ids, when given, and whose polygon masks are
+    rasterised at `image_sizes`, {image_id: (height, width)})."""
     path = Path(path)
     if path.suffix.lower() == ".json":
-        table = from_coco_results(read_json(path), source=path.stem, what=str(path), category_map=category_map)
+        table = from_coco_results(read_json(path), source=path.stem, what=str(path), category_map=category_map,
+                                  image_sizes=image_sizes)  # fmt: skip
         kind: Kind = "instances" if "mask_counts" in table.column_names else "detections"
         if categories is not None and table.num_rows:
             categories.to_labels(table.column("category_id").to_numpy(), source=str(path))

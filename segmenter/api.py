@@ -59,7 +59,7 @@ def segment_images(
         table, what = detections, "detections table"
     else:
         cmap = None if category_map is None else CategoryMap.load(category_map, loaded.meta.categories)
-        table, det_meta = read_results(detections, category_map=cmap)
+        table, det_meta = read_results(detections, category_map=cmap, image_sizes=image_set.sizes())  # sizes: for polygon masks
         what = str(detections)
         if det_meta.categories is not None:
             loaded.meta.categories.check_same(det_meta.categories, f"{detections} against checkpoint {loaded.meta.path}")

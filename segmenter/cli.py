@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from twopass.detector.cli import make_train_command, parse_scales
+from twopass.pipeline.devices import DEVICE_HELP
 from twopass.pipeline.settings import SEGMENT, SegmentSettings, help_of
 
 
@@ -36,7 +35,7 @@ def segment(
     mask_thresh: Annotated[float, typer.Option(help=help_of(SegmentSettings, "mask_thresh"))] = SEGMENT.mask_thresh,
     skip_invalid: Annotated[bool, typer.Option(help=help_of(SegmentSettings, "skip_invalid"))] = SEGMENT.skip_invalid,
     precision: Annotated[str, typer.Option(help=help_of(SegmentSettings, "precision"))] = SEGMENT.precision,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: Annotated[str, typer.Option(help=DEVICE_HELP)] = "cpu",
     fast: Annotated[bool, typer.Option(help="Fold frozen BatchNorm into convolutions, channels-last on CPU.")] = True,
 ) -> None:
     """Masks for given boxes: the segmenter's backbone and mask head on each box, with mask TTA."""
@@ -45,8 +44,8 @@ def segment(
     from twopass.pipeline.cli import progress_bar
     from twopass.pipeline.coco import ImageSet
     from twopass.pipeline.config import validate_mapping
-    from twopass.pipeline.fileio import atomic_path, check_outputs
-    from twopass.pipeline.tables import to_coco_results, write_table
+    from twopass.pipeline.fileio import check_outputs
+    from twopass.pipeline.tables import write_results
 
     from .api import SEGMENTER, segment_images
 
@@ -63,13 +62,7 @@ def segment(
         task = bar.add_task("segment", total=None)
         instances, meta, report = segment_images(loaded, image_set, detections, views, settings, device=device,
                                                  category_map=category_map, progress=lambda k: bar.update(task, completed=k))  # fmt: skip
-    # both outputs or neither: each goes to a temp file, renamed once both are written
-    with contextlib.ExitStack() as stack:
-        tmp_out = stack.enter_context(atomic_path(out))
-        tmp_json = stack.enter_context(atomic_path(coco_json)) if coco_json is not None else None
-        write_table(tmp_out, instances, meta)
-        if tmp_json is not None:
-            tmp_json.write_text(json.dumps(to_coco_results(instances)))
+    write_results(out, instances, meta, coco_json)  # both outputs or neither
     skipped = sum(report.skipped.values())
     typer.echo(f"wrote {out}: {instances.num_rows} instances" + (f", skipped {skipped} rows: {dict(report.skipped)}" if skipped else ""))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -214,3 +215,29 @@ def test_validation_scores_as_coco_does(synth_small, monkeypatch):
     per_image = np.bincount(seen["table"].column("image_id").to_numpy())
     assert per_image.max() == EVAL_MAX_PER_IMAGE  # cut at COCO's 100, not the model's own
     assert (model.roi_heads.score_thresh, model.roi_heads.detections_per_img) == (0.05, 20)  # restored
+
+
+def _two_images(synth_small, tmp_path):
+    """The annotations of the first two images of `synth_small` (a quick run)."""
+    data = json.loads((synth_small / "annotations.json").read_text())
+    ids = {im["id"] for im in data["images"][:2]}
+    data["images"] = data["images"][:2]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in ids]
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    return tmp_path / "ann.json"
+
+
+def test_detect_cli_writes_coco_json_equal_to_its_parquet(synth_small, ckpts, tmp_path):
+    from typer.testing import CliRunner
+
+    from twopass.pipeline.cli import app
+    from twopass.pipeline.tables import read_results, to_coco_results
+
+    ann = _two_images(synth_small, tmp_path)
+    out, coco = tmp_path / "d.parquet", tmp_path / "d.json"
+    r = CliRunner().invoke(app, ["detect", "--checkpoint", str(ckpts["a"]), "--images", str(synth_small / "images"), "--ann", str(ann),
+                                 "--out", str(out), "--coco-json", str(coco), "--score-thresh", "0"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    table, meta = read_results(out)
+    assert meta.kind == "detections" and table.num_rows > 0
+    assert json.loads(coco.read_text()) == to_coco_results(table)

@@ -309,6 +309,53 @@ def test_cli_bad_inputs_are_one_line_errors(tmp_path, cli):
     assert not out.exists()
 
 
+def test_cli_coco_json_is_the_parquet_as_coco_results(tmp_path, cli, monkeypatch):
+    tables = model_tables()
+    p0, p1, _ = write_inputs(tmp_path, tables)
+    out, coco = tmp_path / "f.parquet", tmp_path / "f.json"
+    r = cli("fuse", p0, p1, "--out", out, "--coco-json", coco)
+    assert r.exit_code == 0, r.output
+    table, _ = read_table(out, "detections", CATEGORIES)
+    assert table.num_rows > 0 and json.loads(coco.read_text()) == to_coco_results(table)
+    # guarded as --out is, and written both or neither
+    before = p0.read_bytes()
+    msg = error_of(cli("fuse", p0, p1, "--out", tmp_path / "g.parquet", "--coco-json", p0))
+    assert msg == f"twopass: error: --coco-json {p0} is the input #1 {p0}: refusing to overwrite an input" and p0.read_bytes() == before
+    same = tmp_path / "g.parquet"
+    assert error_of(cli("fuse", p0, "--out", same, "--coco-json", same)) == f"twopass: error: --out and --coco-json are the same file {same}"
+    from twopass.pipeline import tables as tables_module
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tables_module, "to_coco_results", full)
+    msg = error_of(cli("fuse", p0, p1, "--out", tmp_path / "g.parquet", "--coco-json", tmp_path / "g.json"))
+    assert msg.startswith(f"twopass: error: {tmp_path / 'g.json'}: No space left on device")
+    assert not (tmp_path / "g.parquet").exists() and not (tmp_path / "g.json").exists()
+
+
+def test_cli_fuses_json_with_polygon_masks(tmp_path, cli):
+    tables = model_tables()
+    p0, p1, _ = write_inputs(tmp_path, tables)
+    results = to_coco_results(tables[2])
+    for r in results:  # another tool's instances: each mask a polygon (its box's outline)
+        x, y, w, h = r["bbox"]
+        r["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+    j2 = tmp_path / "m2.json"
+    j2.write_text(json.dumps(results))
+    images = tmp_path / "ann.json"
+    images.write_text(json.dumps({"images": [{"id": i, "height": h, "width": w} for i, (h, w) in SIZES.items()]}))
+    out = tmp_path / "fused.parquet"
+    r = cli("fuse", p0, p1, j2, "--images", images, "--out", out)
+    assert r.exit_code == 0, r.output
+    table, _ = read_table(out, "detections", CATEGORIES)
+    assert_tables_equal(table, fuse(tables, "wbf", image_sizes=SIZES), tol=1e-5)  # the masks are not fused
+    # without --images a polygon has no size to be rasterised at
+    msg = error_of(cli("fuse", p0, j2, "--out", tmp_path / "g.parquet"))
+    assert msg.startswith(f"twopass: error: {j2}: entry 0 (image_id {results[0]['image_id']}): segmentation is a polygon, ")
+    assert "no image sizes are given" in msg and not (tmp_path / "g.parquet").exists()
+
+
 def test_project_cli_has_fuse():
     from twopass.pipeline.cli import app
 

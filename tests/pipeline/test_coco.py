@@ -1,9 +1,11 @@
 import json
+import struct
+import zlib
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from pycocotools import mask as mask_utils
 
 from twopass.pipeline.coco import CocoDataset, DataError, ImageSet, collate
@@ -156,3 +158,117 @@ def test_synthetic_set_loads(synth_small):
         for box, m in zip(t["boxes"], t["masks"]):
             ys, xs = torch.nonzero(m, as_tuple=True)
             assert box.tolist() == [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+# --------------------------------------------------------------------------- EXIF orientation
+
+# exif_transpose turns orientation 6 by ROTATE_270 and 8 by ROTATE_90, 5 by TRANSPOSE and 3 by
+# ROTATE_180: a camera stores the pixels turned the other way
+_STORED = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}
+
+
+def _upright():
+    """16x24 grey background 40 with an object of 200 at rows 0:8, cols 8:16 (8-pixel blocks:
+    JPEG keeps flat blocks nearly exact)."""
+    a = np.full((16, 24, 3), 40, np.uint8)
+    a[0:8, 8:16] = 200
+    return a
+
+
+def _write_turned(path, orientation, exif_after_data=False):
+    """The upright image stored turned, with the EXIF orientation that turns it back."""
+    stored = Image.fromarray(_upright()).transpose(_STORED[orientation])
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    if not exif_after_data:
+        stored.save(path, exif=exif.tobytes(), **({"quality": 95} if path.suffix == ".jpg" else {}))
+        return path
+    stored.save(path)  # then an eXIf chunk just before IEND, where PIL finds it only on decode
+    data = path.read_bytes()
+    payload = exif.tobytes()[6:]  # without the "Exif\0\0" prefix, as PNG stores it
+    chunk = struct.pack(">I", len(payload)) + b"eXIf" + payload + struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    end = data.rindex(b"IEND") - 4
+    path.write_bytes(data[:end] + chunk + data[end:])
+    return path
+
+
+def _upright_coco(root, file_name, size=(16, 24)):
+    h, w = size
+    square = np.zeros((16, 24), np.uint8)
+    square[0:8, 8:16] = 1
+    rle = mask_utils.encode(np.asfortranarray(square))
+    data = {"images": [{"id": 1, "file_name": file_name, "height": h, "width": w}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 0, 8, 8], "iscrowd": 0, "area": 64,
+                             "segmentation": {"size": [16, 24], "counts": rle["counts"].decode()}}],
+            "categories": [{"id": 1, "name": "thing"}]}  # fmt: skip
+    (root / "ann.json").write_text(json.dumps(data))
+    return root / "ann.json"
+
+
+@pytest.mark.parametrize("name,orientation", [("a.png", 6), ("a.png", 8), ("a.png", 5), ("a.png", 3), ("a.jpg", 6), ("a.jpg", 8)])
+def test_exif_orientation_turns_images_upright_and_the_annotations_line_up(tmp_path, name, orientation):
+    from PIL import ImageOps
+
+    (tmp_path / "img").mkdir()
+    path = _write_turned(tmp_path / "img" / name, orientation)
+    with Image.open(path) as im:
+        assert im.size == ((16, 24) if orientation in (5, 6, 8) else (24, 16))  # stored turned: W x H
+        expected = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    ds = CocoDataset(_upright_coco(tmp_path, name), tmp_path / "img")
+    image, target = ds[0]
+    got = (image * 255).round().byte().permute(1, 2, 0).numpy()
+    assert got.shape == (16, 24, 3) and np.array_equal(got, expected)  # what PIL's exif_transpose gives
+    tol = 0 if name.endswith(".png") else 6  # JPEG: flat 8x8 blocks come back within a few levels
+    assert np.abs(got.astype(int) - _upright()).max() <= tol
+    # the annotated box and mask hold the object (200), the rest the background (40)
+    x1, y1, x2, y2 = target["boxes"][0].int().tolist()
+    assert float(image[:, y1:y2, x1:x2].mean()) * 255 == pytest.approx(200, abs=tol + 1e-3)
+    m = target["masks"][0].bool()
+    assert float(image[:, m].mean()) * 255 == pytest.approx(200, abs=tol + 1e-3)
+    assert float(image[:, ~m].mean()) * 255 == pytest.approx(40, abs=tol + 1e-3)
+    # a folder's sizes are the upright sizes too, read from the header
+    s = ImageSet.from_folder(tmp_path / "img")
+    assert s.size(1) == (16, 24) and np.array_equal(s.read(1).permute(1, 2, 0).numpy(), expected)
+
+
+def test_exif_in_a_png_after_its_pixels_is_found_without_decoding(tmp_path):
+    (tmp_path / "img").mkdir()
+    path = _write_turned(tmp_path / "img" / "a.png", 6, exif_after_data=True)
+    with Image.open(path) as im:
+        assert "exif" not in im.info  # PIL sees it only once the pixels are decoded
+    s = ImageSet.from_folder(tmp_path / "img")
+    assert s.size(1) == (16, 24)
+    assert np.array_equal(s.read(1).permute(1, 2, 0).numpy(), _upright())
+
+
+def test_a_size_mismatch_from_exif_orientation_says_so(tmp_path):
+    (tmp_path / "img").mkdir()
+    _write_turned(tmp_path / "img" / "a.jpg", 6)
+    ann = _upright_coco(tmp_path, "a.jpg", size=(24, 16))  # the size of the stored pixels, as some tools record it
+    data = json.loads(ann.read_text())
+    data["annotations"] = []
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DataError) as e:
+        CocoDataset(ann, tmp_path / "img")[0]
+    assert str(e.value).startswith(f"{ann}: image_id 1: image file is 24x16 (HxW) as stored but its EXIF orientation 6 turns it "
+                                   "to 16x24; annotations say 24x16 (")  # fmt: skip
+    assert "\n" not in str(e.value)
+    # a mismatch of an unturned image is worded as before
+    Image.fromarray(np.zeros((20, 16, 3), np.uint8)).save(tmp_path / "img" / "a.jpg")
+    with pytest.raises(DataError, match=r"image_id 1: image file is 20x16 \(HxW\), annotations say 24x16$"):
+        CocoDataset(ann, tmp_path / "img")[0]
+
+
+def test_pictures_are_drawn_on_the_upright_image(tmp_path):
+    from twopass.pipeline.coco import CocoIndex
+    from twopass.pipeline.visualize import category_color, render_image
+
+    (tmp_path / "img").mkdir()
+    _write_turned(tmp_path / "img" / "a.png", 8)
+    gt = CocoIndex.load(_upright_coco(tmp_path, "a.png"))
+    picture = np.asarray(render_image(gt.image_set(tmp_path / "img"), 1, gt.categories, [("ground truth", gt.anns_by_image[1])]))
+    scale = 512 // 24  # small images are enlarged; a 14-pixel title bar sits above
+    assert picture.shape == (14 + 16 * scale, 24 * scale, 3)
+    # the box outline of the annotation at x 8..16, y 0..8 of the upright image
+    assert tuple(picture[14, 8 * scale]) == category_color(1) == tuple(picture[14 + 8 * scale - 1, 16 * scale - 1])
+    assert tuple(picture[14 + 12 * scale, 4 * scale]) == (40, 40, 40)  # the background, unmasked

@@ -209,3 +209,63 @@ def test_write_killed_midway_leaves_old_file_intact(tmp_path):
             proc.kill()
     table, meta = read_table(p, "instances")
     assert meta.producer == "old" and table.equals(t)
+
+
+def _polygon_results():
+    """Two results on images 1 (20x30) and 2 (40x10): a triangle, and a mask of two polygons."""
+    return [
+        {"image_id": 1, "category_id": 3, "score": 0.9, "bbox": [2, 3, 20, 12], "segmentation": [[2, 3, 22, 3, 12, 15]]},
+        {"image_id": 2, "category_id": 7, "score": 0.4, "bbox": [1, 1, 8, 30],
+         "segmentation": [[1, 1, 9, 1, 9, 10, 1, 10], [2.5, 20, 8, 20, 8, 31, 2.5, 31]]},
+    ]  # fmt: skip
+
+
+def test_polygon_masks_are_rasterised_at_the_image_size_as_pycocotools_does(tmp_path):
+    res = _polygon_results()
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    sizes = {1: (20, 30), 2: (40.0, 10.0), 9: (5, 5)}  # floats, as `twopass fuse --images` reads them
+    table, meta = read_results(tmp_path / "r.json", image_sizes=sizes)
+    assert meta.kind == "instances" and table.column("mask_height").to_pylist() == [20, 40]
+    # pycocotools' own conversion of a result: COCO.loadRes + annToRLE (frPyObjects, then merge)
+    gt = COCO()
+    gt.dataset = {"images": [{"id": 1, "height": 20, "width": 30}, {"id": 2, "height": 40, "width": 10}], "annotations": [],
+                  "categories": CATS.to_coco()}  # fmt: skip
+    gt.createIndex()
+    dt = gt.loadRes(res)
+    expected = [dt.annToRLE(a) for a in dt.loadAnns(dt.getAnnIds())]
+    got = rles_of(table)
+    assert [r["counts"] for r in got] == [r["counts"] for r in expected] and [r["size"] for r in got] == [[20, 30], [40, 10]]
+    assert [int(mask_utils.area(r)) for r in got] == [int(a) for a in mask_utils.area(expected)] and mask_utils.area(got[1]) > 0
+    # a polygon result without a bbox takes the box of its mask
+    del res[0]["bbox"]
+    t = from_coco_results(res, "s", image_sizes=sizes)
+    x, y, w, h = mask_utils.toBbox(expected[0])
+    np.testing.assert_allclose(boxes_of(t)[0], [x, y, x + w, y + h])
+
+
+def test_uncompressed_rle_results_are_compressed():
+    m = np.zeros((6, 5), np.uint8)
+    m[1:4, 2:4] = 1
+    flat = m.ravel(order="F")
+    change = np.flatnonzero(np.diff(np.concatenate([[0], flat, [1 - flat[-1]]])))
+    counts = np.diff(np.concatenate([[0], change])).tolist()
+    res = [{"image_id": 1, "category_id": 1, "score": 0.5, "bbox": [2, 1, 2, 3], "segmentation": {"size": [6, 5], "counts": counts}}]
+    t = from_coco_results(res, "s")  # no sizes needed: the RLE has its own
+    np.testing.assert_array_equal(mask_utils.decode(rles_of(t)[0]), m)
+
+
+def test_polygon_masks_without_a_size_are_named():
+    res = _polygon_results()
+    with pytest.raises(ValueError) as e:
+        from_coco_results(res, "s", what="r.json")
+    assert str(e.value) == ("r.json: entry 0 (image_id 1): segmentation is a polygon, which needs its image's height and width, "
+                            "and no image sizes are given (give the images' COCO annotations or images table)")  # fmt: skip
+    with pytest.raises(ValueError, match=r"^r\.json: entry 1 \(image_id 2\): segmentation is a polygon, .* and image_id 2 is not "
+                                         r"among the 1 images given$"):  # fmt: skip
+        from_coco_results(res, "s", what="r.json", image_sizes={1: (20, 30)})
+    res[1]["segmentation"] = [[1, 1, 9, 1]]  # two points: pycocotools would read it as a box
+    with pytest.raises(ValueError, match=r"^r\.json: entry 1 \(image_id 2\): a polygon segmentation is a list of .* at least 3 points$"):
+        from_coco_results(res, "s", what="r.json", image_sizes={1: (20, 30), 2: (40, 10)})
+    res[1]["segmentation"] = "a mask"
+    with pytest.raises(ValueError, match=r"^r\.json: entry 1 \(image_id 2\): segmentation must be RLE or polygons$"):
+        from_coco_results(res, "s", what="r.json", image_sizes={1: (20, 30), 2: (40, 10)})

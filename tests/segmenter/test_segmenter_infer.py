@@ -108,3 +108,43 @@ def test_image_whose_size_differs_from_the_annotation_is_named(model, synth_smal
     det = detections_table([2], [1], [0.5], np.array([[2, 2, 20, 20]], np.float32), "x")
     with pytest.raises(DataError, match=r"image_id 2: image file is 90x100 \(HxW\), annotations say 128x128"):
         segment(model, index.categories, images, det, [View(SIZE)])
+
+
+def test_segment_cli_takes_results_json_with_polygon_masks(synth_small, ckpts, tmp_path):
+    """Another tool's instances as boxes: polygon masks are read (rasterised at the image's size)
+    and the instances are those of the same boxes without masks."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from twopass.pipeline.cli import app
+    from twopass.pipeline.tables import read_results, to_coco_results
+
+    data = json.loads((synth_small / "annotations.json").read_text())
+    anns = [a for a in data["annotations"] if a["image_id"] in (1, 2)]
+    boxes = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.8} for a in anns]
+    polygons = []
+    for b in boxes:
+        x, y, w, h = b["bbox"]
+        polygons.append({**b, "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]]})
+    runs = {}
+    for name, results in (("boxes", boxes), ("polygons", polygons)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(results))
+        out = tmp_path / f"{name}.parquet"
+        r = CliRunner().invoke(app, ["segment", "--checkpoint", str(ckpts["seg"]), "--detections", str(tmp_path / f"{name}.json"),
+                                     "--images", str(synth_small / "images"), "--ann", str(synth_small / "annotations.json"),
+                                     "--out", str(out), "--coco-json", str(tmp_path / f"{name}.out.json")])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        runs[name] = read_results(out)[0]
+        assert json.loads((tmp_path / f"{name}.out.json").read_text()) == to_coco_results(runs[name])
+    same = [c for c in runs["boxes"].column_names if c != "source"]  # the source is the file's name
+    assert runs["polygons"].num_rows == len(anns) and runs["polygons"].select(same).equals(runs["boxes"].select(same))
+    # a polygon on an image the set does not have: no size to rasterise it at, named before any compute
+    polygons[1]["image_id"] = 99
+    (tmp_path / "bad.json").write_text(json.dumps(polygons))
+    r = CliRunner().invoke(app, ["segment", "--checkpoint", str(ckpts["seg"]), "--detections", str(tmp_path / "bad.json"),
+                                 "--images", str(synth_small / "images"), "--ann", str(synth_small / "annotations.json"),
+                                 "--out", str(tmp_path / "bad.parquet")])  # fmt: skip
+    assert r.exit_code != 0 and not (tmp_path / "bad.parquet").exists()
+    assert str(r.exception) == (f"{tmp_path / 'bad.json'}: entry 1 (image_id 99): segmentation is a polygon, which needs its image's "
+                                "height and width, and image_id 99 is not among the 8 images given")  # fmt: skip
