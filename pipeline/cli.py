@@ -157,6 +157,23 @@ def images_cmd(
     typer.echo(f"wrote {out}: {len(s)} images")
 
 
+@app.command("convert")
+def convert_cmd(
+    fmt: Annotated[str, typer.Argument(metavar="FORMAT", help="Source format: yolo | labelme | voc (to COCO JSON), coco (to YOLO).")],
+    source: Annotated[Path, typer.Argument(help="yolo: data.yaml; labelme: folder of LabelMe JSON; voc: the folder with "
+                                                "Annotations/ and JPEGImages/; coco: annotations JSON.")],
+    out: Annotated[Path, typer.Option(help="COCO JSON to write (coco: a new folder for the YOLO dataset).")],
+    masks: Annotated[str, typer.Option(help="Masks in the COCO JSON: rle | polygon (polygons fill holes).")] = "rle",
+    split: Annotated[Optional[str], typer.Option(help="yolo: the data.yaml entry (default train); voc: ImageSets/Main/SPLIT.txt "
+                                                      "(default every XML); coco: the split name written (default train).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="coco: the folder the file_names are relative to.")] = None,
+) -> None:
+    """Convert YOLO txt, LabelMe JSON or Pascal VOC XML (with its instance PNGs) to COCO JSON; COCO to YOLO."""
+    from .convert import convert
+
+    typer.echo(convert(source, fmt, out, masks=masks, split=split, images=images).summary())
+
+
 def _register_plugins() -> None:
     for name in PLUGINS:
         if importlib.util.find_spec(name) is not None:
