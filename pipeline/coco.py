@@ -80,32 +80,43 @@ def upright_size(height: int, width: int, orientation: int) -> tuple[int, int]:
     return (width, height) if orientation in _SWAPS_AXES else (height, width)
 
 
+def image_to_tensor(im: Image.Image, in_place: bool = False) -> torch.Tensor:
+    """A decoded PIL image as a UInt8Tensor[3, H, W] RGB, upright by its EXIF orientation
+    (`ImageOps.exif_transpose`, as Detectron2's `read_image`). 16-bit data is scaled to 8 bits.
+    What every image read goes through, from a file (`load_image`) or held in memory (the
+    predictor); `in_place`: `im` may be turned in place (no copy when there is nothing to turn)."""
+    if in_place:
+        ImageOps.exif_transpose(im, in_place=True)
+    else:
+        im = ImageOps.exif_transpose(im)  # a copy: the caller's image is left as it is
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im, dtype=np.float64)
+        # 16-bit images (PNG "I;16" or "I" holding 0..65535) scale to 0..255.
+        a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
+        a = np.repeat(a[..., None], 3, axis=2)
+    elif im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        a = np.clip(np.round(a * (255.0 if a.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
+        a = np.repeat(a[..., None], 3, axis=2)
+    else:
+        a = np.array(im.convert("RGB"))
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
+
+
 def load_image(path: Path, where: str = "") -> torch.Tensor:
-    """Read an image file as a UInt8Tensor[3, H, W] RGB, upright by its EXIF orientation
-    (`ImageOps.exif_transpose`, as Detectron2's `read_image`). 16-bit data is scaled to 8 bits."""
+    """Read an image file as a UInt8Tensor[3, H, W] RGB, upright (`image_to_tensor`)."""
     label = where or str(path)
     try:
         with Image.open(path) as im:
             im.load()
-            ImageOps.exif_transpose(im, in_place=True)  # no copy when there is nothing to turn
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                a = np.asarray(im, dtype=np.float64)
-                # 16-bit images (PNG "I;16" or "I" holding 0..65535) scale to 0..255.
-                a = np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8)
-                a = np.repeat(a[..., None], 3, axis=2)
-            elif im.mode == "F":
-                a = np.asarray(im, dtype=np.float64)
-                a = np.clip(np.round(a * (255.0 if a.max() <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
-                a = np.repeat(a[..., None], 3, axis=2)
-            else:
-                a = np.array(im.convert("RGB"))
+            img = image_to_tensor(im, in_place=True)
     except FileNotFoundError:
         raise DataError(f"{label}: image file {path} is missing") from None
     except Image.DecompressionBombError as e:  # not an OSError: it would reach the user as a traceback
         raise DataError(f"{label}: image file {path} is too large to decode safely ({e}); downscale it") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{label}: cannot read image file {path} ({e})") from e
-    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
+    return img
 
 
 _INDEX_CACHE: dict[tuple, "CocoIndex"] = {}
