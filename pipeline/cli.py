@@ -174,6 +174,32 @@ def convert_cmd(
     typer.echo(convert(source, fmt, out, masks=masks, split=split, images=images).summary())
 
 
+@app.command("plot")
+def plot_cmd(
+    run: Annotated[Path, typer.Argument(help="A training run folder (its metrics.jsonl), or a metrics.jsonl file.")],
+    out: Annotated[Optional[Path], typer.Option(help="PNG to write (default RUN/curves.png).")] = None,
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also write TensorBoard events to RUN/tensorboard/ "
+                                              "(needs: pip install 'twopass[tensorboard]').")] = False,
+) -> None:
+    """Draw a training run's losses, learning rate and validation AP (from its metrics.jsonl) to a PNG."""
+    from .curves import TENSORBOARD_HINT, check_tensorboard_dir, metrics_file, plot_training, read_metrics, write_tensorboard
+    from .fileio import check_outputs
+
+    metrics = metrics_file(run)
+    out = out or metrics.parent / "curves.png"
+    check_outputs({"--out": out}, {"RUN": metrics})
+    if tensorboard:  # before anything is written
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ValueError(f"--tensorboard needs the tensorboard package: {TENSORBOARD_HINT}")
+        check_tensorboard_dir(metrics.parent / "tensorboard")
+    curves = read_metrics(metrics)
+    plot_training(curves, out)
+    typer.echo(f"wrote {out}")
+    if tensorboard:
+        events = write_tensorboard(curves, metrics.parent / "tensorboard")
+        typer.echo(f"wrote {events}: tensorboard --logdir {events}")
+
+
 def _register_plugins() -> None:
     for name in PLUGINS:
         if importlib.util.find_spec(name) is not None:

@@ -20,9 +20,43 @@ runs the segmenter's mask head on those fused boxes. AP is COCO's average precis
 (0 to 1, higher is better) averaged over IoU thresholds 0.50 to 0.95; AP50 and AP75 use one
 threshold each. "box" rows score the boxes; "mask" scores the masks of the final instances."""
 
+PR_EXPLAIN = """\
+Precision at each recall from 0 to 1 (COCO's 101 points), averaged over the categories, for
+the boxes and the masks of the final instances: at IoU 0.50, at 0.75, and averaged over the ten
+thresholds 0.50 to 0.95. The area under each curve (its mean) is AP50, AP75 and AP. A curve
+that falls early: confident results that are wrong; one that stops short of recall 1: objects
+never found."""
+
+
+# RUN/pr_curves.png: the precision-recall curves of the final instances (beside report.md, not in
+# pictures/, which holds one overlay per image).
+PR_CURVES = "pr_curves.png"
+
 
 def render_pictures(run_dir: str | Path, config: PipelineConfig, fused: str | None, instances: str | None) -> list[Path]:
-    """Ground truth | fused boxes | final masks, for the first `evaluation.overlays` images."""
+    """Ground truth | fused boxes | final masks, for the first `evaluation.overlays` images
+    (RUN/pictures/<image id>.png; returned). Also the precision-recall curves of the final
+    instances (`render_pr_curves`), which `build_report` links when RUN/pr_curves.png is there."""
+    render_pr_curves(run_dir, config, instances)
+    return _render_overlays(run_dir, config, fused, instances)
+
+
+def render_pr_curves(run_dir: str | Path, config: PipelineConfig, instances: str | None) -> Path | None:
+    """RUN/pr_curves.png: precision over recall of the final instances (boxes, masks) at IoU
+    0.50, 0.75 and averaged over 0.50:0.95 (`curves.pr_curves`). Without annotations, with
+    evaluation off or without instances: None, and an earlier run's file is removed (the
+    report would show curves of other results)."""
+    path = Path(run_dir) / PR_CURVES
+    if not instances or config.data.ann is None or not config.evaluation.enabled:
+        path.unlink(missing_ok=True)
+        return None
+    from .curves import plot_pr, pr_curves
+
+    curves = pr_curves(config.data.ann, instances)
+    return plot_pr(curves, path, f"{config.name}: final instances, {Path(instances).name}")
+
+
+def _render_overlays(run_dir: str | Path, config: PipelineConfig, fused: str | None, instances: str | None) -> list[Path]:
     from .tables import read_results
     from .visualize import best_per_image, render_image
 
@@ -121,6 +155,9 @@ def build_report(
     else:
         why = "the data has no annotations (`data.ann`)" if config.data.ann is None else "`evaluation.enabled` is false"
         lines += ["## AP per stage", "", f"Not evaluated: {why}.", ""]
+    if (run_dir / PR_CURVES).is_file():  # render_pictures wrote it for these results, or removed it
+        src = _thumbnail(run_dir / PR_CURVES, width=1240) if inline_pictures else PR_CURVES
+        lines += ["## Precision-recall curves (final instances)", "", PR_EXPLAIN, "", f"![precision-recall curves]({src})", ""]
     if pictures:
         e = config.evaluation
         lines += ["## Pictures", "", f"Ground truth, then the fused boxes and the final masks: the {e.overlay_top} best of each image "
