@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from twopass.pipeline.fileio import check_free_space
 from twopass.pipeline.threads import set_wait_policy
+
+# What a flow run needs free in its folder before it starts: Prefect's database and logs, the
+# first shards. Below it, the embedded server fails in tracebacks and timeouts, not one line.
+FLOW_MIN_FREE_BYTES = 100_000_000
 
 DEFAULTS = {
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
@@ -27,6 +32,7 @@ def configure(run_dir: str | Path | None = None, parallel: bool = False) -> dict
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
     if run_dir is not None:
+        check_free_space(run_dir, FLOW_MIN_FREE_BYTES, "a flow run")
         set_wait_policy(parallel)
     if run_dir is not None and not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_HOME", str((Path(run_dir) / "prefect").resolve()))

@@ -69,6 +69,19 @@ def disk_full(path: Path, need: int, at_least: bool = True) -> OSError:
     return OSError(errno.ENOSPC, "No space left on device" + (f" ({', '.join(parts)})" if parts else ""), str(path))
 
 
+def check_free_space(folder: str | os.PathLike, need: int, what: str) -> None:
+    """Refuse, before any work, to start `what` in `folder` (or its nearest existing parent) with
+    fewer than `need` bytes free there: one line instead of the tracebacks of whatever first fails
+    to write (for a flow, Prefect's SQLite database and its embedded server)."""
+    folder = Path(folder).resolve()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"No space left on device ({what} needs at least {need / 1e6:.0f} MB free, "
+                                    f"{free / 1e6:.1f} MB free there)", str(folder))  # fmt: skip
+
+
 def sweep_temp_files(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
     """Remove the temp files that writers which no longer run (killed mid-write) left under
     `folder` (`name`: those of the file `folder/name` only); returns them. A live writer's temp

@@ -376,3 +376,21 @@ def test_init_from_a_run_of_the_other_kind_names_the_kind(monkeypatch, capsys, d
     assert code == 2 and err.count("\n") == 1 and "Extra inputs" not in err
     assert f"--init {ckpts['seg']}: a segmenter run, and train-detector takes its config from it; give --config" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_flow_on_a_full_disk_is_one_line_before_the_server_starts(monkeypatch, capsys, tmp_path):
+    from collections import namedtuple
+
+    from twopass.pipeline import fileio
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(fileio.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 5_000_000, 5_000_000))
+    config = tmp_path / "pipeline.yaml"
+    code, err = run_main(monkeypatch, capsys, "flow", "example-config", config, "--data", tmp_path / "data", "--smoke")
+    assert code in (None, 0), err
+    out = tmp_path / "run"
+    for command in (["flow", "run", "--config", config], ["flow", "train", "--config", config], ["demo"]):
+        code, err = run_main(monkeypatch, capsys, *command, "--out", out)
+        assert code == 2 and err == (f"twopass: error: {tmp_path}: No space left on device (a flow run needs at least "
+                                     f"100 MB free, 5.0 MB free there) (errno 28)\n"), err  # fmt: skip
+        assert not out.exists()  # no OUT/prefect/ with a half-made database
