@@ -394,3 +394,30 @@ def test_a_flow_on_a_full_disk_is_one_line_before_the_server_starts(monkeypatch,
         assert code == 2 and err == (f"twopass: error: {tmp_path}: No space left on device (a flow run needs at least "
                                      f"100 MB free, 5.0 MB free there) (errno 28)\n"), err  # fmt: skip
         assert not out.exists()  # no OUT/prefect/ with a half-made database
+
+
+def test_a_second_flow_on_a_run_folder_in_use_is_one_line(monkeypatch, capsys, tmp_path):
+    import subprocess
+    import textwrap
+
+    config = tmp_path / "pipeline.yaml"
+    run_main(monkeypatch, capsys, "flow", "example-config", config, "--data", tmp_path / "data", "--smoke")
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from twopass.flows.env import hold
+        hold({str(out)!r}); print("held", flush=True); sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for command in (["flow", "run", "--config", config], ["demo"]):
+            code, err = run_main(monkeypatch, capsys, *command, "--out", out)
+            assert code == 2 and err == (f"twopass: error: {out}: in use by another run (pid {holder.pid}); wait for it to "
+                                         f"end or choose another --out (errno 16)\n"), err  # fmt: skip
+            assert sorted(p.name for p in out.iterdir()) == [".twopass.lock"]  # nothing of the holder's run touched
+    finally:
+        holder.communicate("")
+    from twopass.flows.env import _HELD, hold
+
+    hold(out)  # free again once the holder has ended (a killed holder frees it too)
+    assert _HELD[out.resolve()] and (out / ".twopass.lock").read_text() == str(__import__("os").getpid())
