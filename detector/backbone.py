@@ -20,16 +20,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .checkpoint import state_mismatch
-from .config import ModelConfig
-
-# Output channels of C2..C5.
-BODY_CHANNELS = {
-    "resnet18": (64, 128, 256, 512),
-    "resnet50": (256, 512, 1024, 2048),
-    "shufflenet_v2_x0_5": (24, 48, 96, 1024),
-    "shufflenet_v2_x1_0": (24, 116, 232, 1024),
-    "shufflenet_v2_x2_0": (24, 244, 488, 2048),
-}
+from .config import BACKBONES, ModelConfig
 
 
 class BackboneError(ValueError):
@@ -192,32 +183,46 @@ def load_backbone_weights(net: nn.Module, path: str | Path) -> None:
     net.load_state_dict(state, strict=False)
 
 
+def _resnet_body(net: nn.Module, first: int) -> tuple[nn.Module, list[nn.Module]]:
+    """torchvision ResNet's layer{l-1} as c{l}; its stages, stem first."""
+    return_layers = {f"layer{l - 1}": f"c{l}" for l in range(first, 6)}
+    body = torchvision.models._utils.IntermediateLayerGetter(net, return_layers=return_layers)
+    return body, [net.conv1, net.layer1, net.layer2, net.layer3, net.layer4]
+
+
+def _shufflenet_body(net: nn.Module, first: int) -> tuple[nn.Module, list[nn.Module]]:
+    return ShuffleNetBody(net, first), [net.conv1, net.stage2, net.stage3, net.stage4, net.conv5]
+
+
+# Body builders per family (`detector.config.BACKBONES` names each backbone's): the torchvision
+# classifier and the first level in, the body and its 5 stages (stem first, for freezing) out.
+FAMILIES: dict[str, Callable[[nn.Module, int], tuple[nn.Module, list[nn.Module]]]] = {
+    "resnet": _resnet_body,
+    "shufflenet": _shufflenet_body,
+}
+
+
 def build_body(config: ModelConfig, weights: str | Path | None = None) -> tuple[nn.Module, list[int]]:
     """Body returning OrderedDict c{first_level}..c5, and those maps' channel counts."""
     name = config.backbone.name
+    spec = BACKBONES[name]
     net = _classifier(name)
     if weights is not None:
         load_backbone_weights(net, weights)
     first = config.first_level
-    if name.startswith("resnet"):
-        stages = [net.conv1, net.layer1, net.layer2, net.layer3, net.layer4]
-        return_layers = {f"layer{l - 1}": f"c{l}" for l in range(first, 6)}
-        body = torchvision.models._utils.IntermediateLayerGetter(net, return_layers=return_layers)
-    else:
-        stages = [net.conv1, net.stage2, net.stage3, net.stage4, net.conv5]
-        body = ShuffleNetBody(net, first)
+    body, stages = FAMILIES[spec.family](net, first)
     # Freeze the first stages: no gradients, and frozen BN statistics there whatever the norm.
     n_frozen = 5 - config.backbone.trainable_stages
     for stage in stages[:n_frozen]:
         for p in stage.parameters():
             p.requires_grad_(False)
         freeze_batchnorm(stage)
-    if name.startswith("resnet") and n_frozen >= 1:  # the stem's BN sits beside conv1, not in it
+    if spec.family == "resnet" and n_frozen >= 1:  # the stem's BN sits beside conv1, not in it
         body.bn1.requires_grad_(False)
         body.bn1 = freeze_batchnorm(body.bn1)
     if config.norm.backbone == "frozen_bn":
         freeze_batchnorm(body)
-    channels = list(BODY_CHANNELS[name][first - 2 :])
+    channels = list(spec.channels[first - 2 :])
     return body, channels
 
 

@@ -6,12 +6,13 @@ changing one line. Unknown keys are errors (a misspelt switch must not be ignore
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from twopass.pipeline.config import validate_mapping
 from twopass.pipeline.settings import Precision
@@ -22,7 +23,28 @@ PosFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Fraction = Annotated[float, Field(ge=0, le=1)]  # probabilities, IoU and score thresholds
 
-BackboneName = Literal["resnet18", "resnet50", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x2_0"]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One backbone body, named as its torchvision classification model: `family` picks the
+    body builder (`detector.backbone.FAMILIES`), `channels` are C2..C5's, `first_level` the
+    first FPN level when the config leaves it out."""
+
+    family: Literal["resnet", "shufflenet"]
+    channels: tuple[int, int, int, int]
+    first_level: Literal[2, 3] = 2
+
+
+# A backbone of an existing family is one entry here. ShuffleNets start at P3: their C2 (the
+# 24-channel stem output) is too thin to carry a pyramid level.
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": BackboneSpec("resnet", (64, 128, 256, 512)),
+    "resnet50": BackboneSpec("resnet", (256, 512, 1024, 2048)),
+    "shufflenet_v2_x0_5": BackboneSpec("shufflenet", (24, 48, 96, 1024), first_level=3),
+    "shufflenet_v2_x1_0": BackboneSpec("shufflenet", (24, 116, 232, 1024), first_level=3),
+    "shufflenet_v2_x2_0": BackboneSpec("shufflenet", (24, 244, 488, 2048), first_level=3),
+}
 
 # Named presets ship as package data (`twopass.configs`), so names resolve from an installed wheel too.
 CONFIG_DIR = Path(str(resources.files("twopass.configs")))
@@ -37,17 +59,23 @@ class _Strict(BaseModel):
 
 
 class BackboneConfig(_Strict):
-    name: BackboneName = "resnet50"
+    name: str = Field("resnet50", description="A backbone of `BACKBONES`.")
     # Stages trained, counted from the top (torchvision's `trainable_layers`): 5 trains all,
     # 3 freezes the stem and the first stage (the usual choice with ImageNet weights).
     trainable_stages: int = Field(3, ge=0, le=5)
     fpn_channels: int = Field(256, ge=8)
-    # First FPN level: 2 gives P2..P6, 3 gives P3..P6. None: 2 for ResNets, 3 for ShuffleNets,
-    # whose C2 (the 24-channel stem output) is too thin to carry a pyramid level.
+    # First FPN level: 2 gives P2..P6, 3 gives P3..P6. None: the backbone's (`BACKBONES`).
     first_level: Literal[2, 3] | None = None
     # Global context (ThunderNet CEM): GAP(C5) -> 1x1 conv -> added to P5's lateral, so it
     # reaches every level through the top-down path.
     global_context: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v not in BACKBONES:
+            raise ValueError(f"{v!r}, expected one of {tuple(BACKBONES)}")
+        return v
 
 
 class NormConfig(_Strict):
@@ -224,7 +252,7 @@ class ModelConfig(_Strict):
     def first_level(self) -> int:
         if self.backbone.first_level is not None:
             return self.backbone.first_level
-        return 3 if self.backbone.name.startswith("shufflenet") else 2
+        return BACKBONES[self.backbone.name].first_level
 
     @property
     def levels(self) -> list[int]:

@@ -16,7 +16,7 @@ from twopass.pipeline.categories import Categories, CategoryMap
 from twopass.pipeline.settings import FUSE, FuseSettings
 from twopass.pipeline.tables import TableMeta, image_sizes_of, read_results, write_table
 
-from .table_fusion import fuse
+from .table_fusion import fuse_tables
 
 
 def read_inputs(inputs: Sequence[str | Path | pa.Table], categories: Categories | None = None, source: str = "",
@@ -95,7 +95,6 @@ def fuse_files(
     if image_ids is not None:
         wanted = pa.array(list(map(int, image_ids)), pa.int64())
         tables = [t.filter(pc.is_in(t.column("image_id"), value_set=wanted)) for t in tables]
-    kwargs = settings.resolved()
     # A weight of 1.0 for every input (the pipeline config's default) is the same as no weights.
     # ensemble_boxes' NMS and Soft-NMS divide every score by the sum of the weights whenever
     # weights are given, which would make the default of the flows differ from the command's.
@@ -103,13 +102,12 @@ def fuse_files(
     names = [f"tables[{i}]" if isinstance(p, pa.Table) else str(p) for i, p in enumerate(inputs)]
     if image_sizes is not None:
         check_image_ids(tables, names, image_sizes, dataset or "image_sizes")
-    fused = fuse(tables, weights=given, names=names,
-                 image_sizes=image_sizes, source=source, **kwargs)  # fmt: skip
+    fused = fuse_tables(tables, settings, given, names=names, image_sizes=image_sizes, source=source)
     meta = TableMeta(
         kind="detections",
         producer=producer,
         categories=categories,
-        config=dict(kwargs, weights=None if weights is None else list(map(float, weights)), inputs=names,
+        config=dict(settings.resolved(), weights=None if weights is None else list(map(float, weights)), inputs=names,
                     **({} if category_map is None else {"category_map": str(category_map)})),
         dataset=dataset,
         extra={"boxes_in": sum(t.num_rows for t in tables), **(extra or {})},

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from twopass.pipeline.settings import FUSE, FuseSettings, help_of
+from twopass.pipeline.settings import FUSE, FuseSettings, help_of, settings_from_options
 
 
 def _parse_weights(text: str | None) -> list[float] | None:
@@ -47,7 +47,7 @@ def register(app: typer.Typer) -> None:
     def fuse_command(
         inputs: Annotated[list[Path], typer.Argument(help="Detections Parquet or COCO results JSON files (models, views).")],
         out: Annotated[Path, typer.Option(help="Fused detections Parquet to write.")],
-        method: Annotated[str, typer.Option(help="wbf | soft-nms | nms")] = FUSE.method,
+        method: Annotated[str, typer.Option(help=help_of(FuseSettings, "method"))] = FUSE.method,
         weights: Annotated[Optional[str], typer.Option(help="One weight per input file, e.g. 2,1,1 (default: 1 each).")] = None,
         iou_thr: Annotated[Optional[float], typer.Option(help=help_of(FuseSettings, "iou_thr"))] = FUSE.iou_thr,
         skip_box_thr: Annotated[float, typer.Option(help=help_of(FuseSettings, "skip_box_thr"))] = FUSE.skip_box_thr,
@@ -69,39 +69,34 @@ def register(app: typer.Typer) -> None:
         coco_json: Annotated[Optional[Path], typer.Option(help="Also write the fused detections as a COCO results JSON.")] = None,
     ) -> None:
         """Fuse detections of several models and test-time views: WBF, Soft-NMS or NMS per image and category (--labels vote: across them)."""
-        # Not validated here: `ensemble.fuse` checks every value and names it.
-        settings = FuseSettings.model_construct(method=method, iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type,
-                                                sigma=sigma, decay=decay, thresh=thresh, rescore=rescore, max_per_image=max_per_image,
-                                                labels=labels)  # fmt: skip
+        from twopass.pipeline.fileio import check_outputs
+        from twopass.pipeline.tables import write_results
+
+        from .api import fuse_files
+
         try:
-            _fuse(inputs, out, weights, images, source, settings, category_map, coco_json)
+            # validated as the pipeline config's `fusion:` is (the same ranges), before any file is read
+            settings = settings_from_options(FuseSettings, dict(
+                method=method, iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type, sigma=sigma, decay=decay,
+                thresh=thresh, rescore=rescore, max_per_image=max_per_image, labels=labels))  # fmt: skip
+            check_outputs({"--out": out, "--coco-json": coco_json},
+                          {**{f"#{i + 1}": p for i, p in enumerate(inputs)}, "--images": images, "--category-map": category_map})
+            # --images as COCO annotations: every input's images and categories are checked against it
+            sizes, categories = _read_images(images) if images is not None else (None, None)
+            fused, meta = fuse_files(inputs, settings, weights=_parse_weights(weights), source=source, producer="twopass fuse",
+                                     image_sizes=sizes, categories=categories, dataset=None if images is None else str(images),
+                                     category_map=category_map, extra={"images": None if images is None else str(images)})  # fmt: skip
+            write_results(out, fused, meta, coco_json)  # both outputs or neither
         except (ValueError, OSError) as e:
             from twopass.pipeline.cli import error_line
 
             typer.echo(f"twopass: error: {error_line(e)}", err=True)
             raise typer.Exit(2) from None
-
-
-def _fuse(inputs: list[Path], out: Path, weights: str | None, images: Path | None, source: str | None, settings: FuseSettings,
-          category_map: Path | None, coco_json: Path | None = None) -> None:  # fmt: skip
-    from twopass.pipeline.fileio import check_outputs
-    from twopass.pipeline.tables import write_results
-
-    from .api import fuse_files
-
-    check_outputs({"--out": out, "--coco-json": coco_json},
-                  {**{f"#{i + 1}": p for i, p in enumerate(inputs)}, "--images": images, "--category-map": category_map})
-    # --images as COCO annotations: every input's images and categories are checked against it
-    sizes, categories = _read_images(images) if images is not None else (None, None)
-    fused, meta = fuse_files(inputs, settings, weights=_parse_weights(weights), source=source, producer="twopass fuse",
-                             image_sizes=sizes, categories=categories, dataset=None if images is None else str(images), category_map=category_map,
-                             extra={"images": None if images is None else str(images)})  # fmt: skip
-    write_results(out, fused, meta, coco_json)  # both outputs or neither
-    # COCO results JSON name no image set and no category list: say what nothing checked
-    json_inputs = [str(p) for p in inputs if p.suffix.lower() == ".json"]
-    unchecked = [w for w, known in (("image ids", images is not None), ("category ids", meta.categories is not None)) if not known]
-    if json_inputs and unchecked:
-        typer.echo(f"twopass: warning: {', '.join(json_inputs)}: {' and '.join(unchecked)} not checked "
-                   "(give --images with the COCO annotations)", err=True)  # fmt: skip
-    n_images = len(set(fused.column("image_id").to_pylist()))
-    typer.echo(f"wrote {out}: {fused.num_rows} boxes in {n_images} images, fused from {meta.extra['boxes_in']} boxes in {len(inputs)} files")
+        # COCO results JSON name no image set and no category list: say what nothing checked
+        json_inputs = [str(p) for p in inputs if p.suffix.lower() == ".json"]
+        unchecked = [w for w, known in (("image ids", images is not None), ("category ids", meta.categories is not None)) if not known]
+        if json_inputs and unchecked:
+            typer.echo(f"twopass: warning: {', '.join(json_inputs)}: {' and '.join(unchecked)} not checked "
+                       "(give --images with the COCO annotations)", err=True)  # fmt: skip
+        n_images = len(set(fused.column("image_id").to_pylist()))
+        typer.echo(f"wrote {out}: {fused.num_rows} boxes in {n_images} images, fused from {meta.extra['boxes_in']} boxes in {len(inputs)} files")

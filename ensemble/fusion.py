@@ -20,7 +20,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from twopass.pipeline.settings import DEFAULT_IOU_THR, FUSE
+from twopass.pipeline.settings import DEFAULT_IOU_THR, FUSE, FuseSettings
 
 from . import _core
 
@@ -383,6 +383,37 @@ def reference(fn_name: str, flat: Flat, weights: np.ndarray | None, **params: An
         np.zeros(n, dtype=np.int64),
         np.broadcast_to(scale, (n, 4)),
     )
+
+
+# --------------------------------------------------------------------------- the methods' entries
+# `pipeline.settings.FUSION_METHODS` names these: each runs one method on a `Flat` with the
+# settings record as it is (validated where it was made: the CLI, the pipeline config).
+
+
+def wbf_kernel(flat: Flat, weights: np.ndarray | None, s: FuseSettings, by_label: bool = True, allows_overflow: bool = False) -> Result:
+    return run_wbf(flat, weights, s.iou, s.skip_box_thr, s.conf_type, allows_overflow, by_label)
+
+
+def soft_nms_kernel(flat: Flat, weights: np.ndarray | None, s: FuseSettings, by_label: bool = True, **_: Any) -> Result:
+    return run_soft_nms(flat, weights, s.decay == "linear", s.iou, s.sigma, s.thresh, s.rescores, by_label)
+
+
+def nms_kernel(flat: Flat, weights: np.ndarray | None, s: FuseSettings, by_label: bool = True, **_: Any) -> Result:
+    return run_nms(flat, weights, s.iou, by_label)
+
+
+def wbf_reference(flat: Flat, weights: np.ndarray | None, s: FuseSettings, allows_overflow: bool = False) -> Result:
+    return reference("weighted_boxes_fusion", flat, weights, iou_thr=s.iou, skip_box_thr=s.skip_box_thr,
+                     conf_type=s.conf_type, allows_overflow=allows_overflow)  # fmt: skip
+
+
+def soft_nms_reference(flat: Flat, weights: np.ndarray | None, s: FuseSettings, **_: Any) -> Result:
+    method = 1 if s.decay == "linear" else 2
+    return reference("soft_nms", flat, weights, method=method, iou_thr=s.iou, sigma=s.sigma, thresh=s.thresh)
+
+
+def nms_reference(flat: Flat, weights: np.ndarray | None, s: FuseSettings, **_: Any) -> Result:
+    return reference("nms", flat, weights, iou_thr=s.iou)
 
 
 # --------------------------------------------------------------------------- public API

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Mapping, Sequence
+import importlib
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from twopass.pipeline.settings import FUSE, FuseMethod, FuseSettings
+from twopass.pipeline.settings import FUSE, FUSION_METHODS, FuseSettings
 from twopass.pipeline.tables import DETECTIONS_SCHEMA, boxes_of, check_values, detections_table
 
 from . import fusion
 
-METHODS = ("wbf", "soft-nms", "nms")
 LABELS = ("per_label", "vote")
 
 
@@ -81,7 +81,7 @@ def _image_scale(
 
 def fuse(
     tables: Sequence[pa.Table],
-    method: FuseMethod = FUSE.method,
+    method: str = FUSE.method,
     weights: Sequence[float] | Mapping[str, float] | None = None,
     *,
     names: Sequence[str] | None = None,
@@ -116,33 +116,73 @@ def fuse(
     the largest summed score x weight among its boxes (ties: the smaller id); Soft-NMS and NMS
     become class-agnostic (a box decays or suppresses boxes of any category) and a kept box
     keeps its own category.
+
+    The keyword form, for library use: it checks the values with the fusion functions' ranges
+    (an IoU threshold of 0 or 1 included) and calls `fuse_tables`, which the stages call with
+    a `FuseSettings` validated where it was made.
     """
-    if method not in METHODS:
-        raise ValueError(f"method: {method!r}, expected one of {METHODS}")
+    if method not in FUSION_METHODS:
+        raise ValueError(f"method: {method!r}, expected one of {tuple(FUSION_METHODS)}")
     if labels not in LABELS:
         raise ValueError(f"labels: {labels!r}, expected one of {LABELS}")
-    by_label = labels == "per_label"  # `labels` names the input's category ids below
-    if not tables:
-        raise ValueError("fuse: no input tables")
-    names = list(names) if names is not None else [f"tables[{i}]" for i in range(len(tables))]
-    if len(names) != len(tables):
-        raise ValueError(f"names: {len(names)} names for {len(tables)} tables")
     if max_per_image is not None and max_per_image < 1:
         raise ValueError(f"max_per_image: {max_per_image} must be >= 1")
-    # None: the method's defaults, as `pipeline.settings.FuseSettings` defines them
-    filled = FuseSettings.model_construct(method=method, iou_thr=iou_thr, rescore=rescore).resolved()
-    iou_thr, rescore = filled["iou_thr"], filled["rescore"]
-    fusion.check_params(iou_thr, skip_box_thr=skip_box_thr, thresh=thresh)
+    spec = FUSION_METHODS[method]
+    fusion.check_params(spec.default_iou if iou_thr is None else iou_thr, skip_box_thr=skip_box_thr, thresh=thresh)
     if conf_type not in fusion.CONF_TYPES:
         raise ValueError(f"conf_type: {conf_type!r}, expected one of {fusion.CONF_TYPES}")
     if decay not in ("gaussian", "linear"):
         raise ValueError(f"decay: {decay!r}, expected 'gaussian' or 'linear'")
     if not (np.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma: {sigma} must be > 0")
-    if rescore and backend == "ensemble_boxes":
-        raise ValueError("rescore: ensemble_boxes returns input scores only; use backend='vectorised'")
-    if not by_label and backend == "ensemble_boxes":
-        raise ValueError("labels: ensemble_boxes fuses per label only; use backend='vectorised' for 'vote'")
+    # Checked above with the functions' ranges, which are wider than the settings' (0 and 1)
+    settings = FuseSettings.model_construct(method=method, iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type,
+                                            decay=decay, sigma=sigma, thresh=thresh, rescore=rescore,
+                                            max_per_image=max_per_image, labels=labels)  # fmt: skip
+    return fuse_tables(tables, settings, weights, names=names, image_sizes=image_sizes, source=source, backend=backend,
+                       allows_overflow=allows_overflow)  # fmt: skip
+
+
+def _function(ref: str | Callable[..., Any]) -> Callable[..., Any]:
+    """A registry entry's function: itself, or "module:name" imported."""
+    if callable(ref):
+        return ref
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def fuse_tables(
+    tables: Sequence[pa.Table],
+    settings: FuseSettings = FUSE,
+    weights: Sequence[float] | Mapping[str, float] | None = None,
+    *,
+    names: Sequence[str] | None = None,
+    image_sizes: Mapping[int, tuple[float, float]] | pa.Table | None = None,
+    source: str | None = None,
+    backend: fusion.Backend = "vectorised",
+    allows_overflow: bool = False,
+) -> pa.Table:
+    """`fuse` with its settings as one record (`pipeline.settings.FuseSettings`), read as it
+    is: validated where it was made (`twopass fuse`, the pipeline config). The method's
+    kernel comes from `pipeline.settings.FUSION_METHODS`. Returns as `fuse`."""
+    spec = FUSION_METHODS.get(settings.method)
+    if spec is None:
+        raise ValueError(f"method: {settings.method!r}, expected one of {tuple(FUSION_METHODS)}")
+    by_label = settings.labels == "per_label"
+    if not tables:
+        raise ValueError("fuse: no input tables")
+    names = list(names) if names is not None else [f"tables[{i}]" for i in range(len(tables))]
+    if len(names) != len(tables):
+        raise ValueError(f"names: {len(names)} names for {len(tables)} tables")
+    if backend not in fusion.BACKENDS:
+        raise ValueError(f"backend: {backend!r}, expected one of {fusion.BACKENDS}")
+    if backend == "ensemble_boxes":
+        if settings.rescores:
+            raise ValueError("rescore: ensemble_boxes returns input scores only; use backend='vectorised'")
+        if not by_label:
+            raise ValueError("labels: ensemble_boxes fuses per label only; use backend='vectorised' for 'vote'")
+        if spec.reference is None:
+            raise ValueError(f"backend: {settings.method!r} has no ensemble_boxes reference; use backend='vectorised'")
 
     checked = []
     for t, name in zip(tables, names):
@@ -150,11 +190,11 @@ def fuse(
         if missing:
             raise ValueError(f"{name}: missing columns {missing}; expected a detections table")
         t = t.select(DETECTIONS_SCHEMA.names)  # instances: the masks are not fused
-        check_values(t, name, score_range=(0.0, 1.0) if method != "nms" else None)
+        check_values(t, name, score_range=(0.0, 1.0) if spec.unit_scores else None)
         checked.append(t)
     members, per_table = _members(checked)
     member_weights = _member_weights(weights, members, per_table, names)
-    name = source or f"{method}:" + "+".join(members)
+    name = source or f"{settings.method}:" + "+".join(members)
 
     # Model after model (table order, then row order), as the reference concatenates them.
     member = np.concatenate(per_table) if per_table else np.zeros(0, dtype=np.int64)
@@ -170,24 +210,18 @@ def fuse(
     image_ids, image = np.unique(image_id, return_inverse=True)
     scale = _image_scale(image_ids, boxes, image, image_sizes)[image]
     flat = fusion.Flat(boxes / scale, scores, labels, member, image, scale, len(members))
-    params = dict(
-        method=method, weights=member_weights, iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type,
-        allows_overflow=allows_overflow, linear=decay == "linear", sigma=sigma, thresh=thresh, rescore=rescore,
-        by_label=by_label,
-    )  # fmt: skip
+    options = {"allows_overflow": True} if allows_overflow else {}
     if backend == "vectorised":
-        result = _run(flat, **params)
-    elif backend == "ensemble_boxes":
-        result = _run_reference(flat, **params)
+        result = _function(spec.kernel)(flat, member_weights, settings, by_label=by_label, **options)
     else:
-        raise ValueError(f"backend: {backend!r}, expected one of {fusion.BACKENDS}")
+        result = _run_reference(_function(spec.reference), flat, member_weights, settings, options)
 
     # Image ascending, score descending (stable: ties keep the method's order), then the cap.
     order = np.lexsort((-result.scores, result.image))
     img = result.image[order]
-    if max_per_image is not None:
+    if settings.max_per_image is not None:
         first = np.searchsorted(img, img, side="left")
-        order = order[np.arange(len(order)) - first < max_per_image]
+        order = order[np.arange(len(order)) - first < settings.max_per_image]
     return detections_table(
         image_ids[result.image[order]],
         result.labels[order],
@@ -197,29 +231,14 @@ def fuse(
     )
 
 
-def _run(flat: fusion.Flat, method: str, weights: np.ndarray | None, **p: Any) -> fusion.Result:
-    by_label = p["by_label"]
-    if method == "wbf":
-        return fusion.run_wbf(flat, weights, p["iou_thr"], p["skip_box_thr"], p["conf_type"], p["allows_overflow"], by_label)
-    if method == "soft-nms":
-        return fusion.run_soft_nms(flat, weights, p["linear"], p["iou_thr"], p["sigma"], p["thresh"], p["rescore"], by_label)
-    return fusion.run_nms(flat, weights, p["iou_thr"], by_label)
-
-
-def _run_reference(flat: fusion.Flat, method: str, weights: np.ndarray | None, **p: Any) -> fusion.Result:
+def _run_reference(ref: Callable[..., fusion.Result], flat: fusion.Flat, weights: np.ndarray | None, settings: FuseSettings,
+                   options: dict[str, Any]) -> fusion.Result:  # fmt: skip
     """ensemble_boxes, image by image."""
-    if method == "wbf":
-        fn, kw = "weighted_boxes_fusion", {k: p[k] for k in ("iou_thr", "skip_box_thr", "conf_type", "allows_overflow")}
-    elif method == "soft-nms":
-        fn = "soft_nms"
-        kw = dict(method=1 if p["linear"] else 2, iou_thr=p["iou_thr"], sigma=p["sigma"], thresh=p["thresh"])
-    else:
-        fn, kw = "nms", dict(iou_thr=p["iou_thr"])
     parts = []
     by_image = np.argsort(flat.image, kind="stable")  # keeps the member-major order inside an image
     starts = np.flatnonzero(np.diff(flat.image[by_image], prepend=-1))
     for rows in np.split(by_image, starts[1:]):
-        r = fusion.reference(fn, flat.take(rows), weights, **kw)
+        r = ref(flat.take(rows), weights, settings, **options)
         r.image[:] = flat.image[rows[0]]
         parts.append(r)
     fields = ("boxes", "scores", "labels", "image", "scale")
