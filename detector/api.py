@@ -14,7 +14,7 @@ import re
 import shutil
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -201,12 +201,18 @@ _PARTIAL = re.compile(r"iter_\d{7}(\.optim)?\.(json|safetensors)|\..+\.tmp")
 
 
 @dataclass
+    @property
+    def torchvision_resize(self) -> bool:
+        """An imported torchvision model: resized after normalising, as torchvision does, so its
+        outputs are torchvision's at any image size (`detector.infer.predict`)."""
+        return "imported_from" in self.meta.extra
+
 class LoadedModel:
-    """A model ready for inference; hold `lock` while using it (inference sets its thresholds)."""
+    """A model ready for inference (eval mode). Inference takes its thresholds as arguments and
+    writes nothing on the model, so threads may share one."""
 
     model: nn.Module
     meta: CheckpointMeta
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def name(self) -> str:
@@ -289,13 +295,12 @@ def detect_images(
     check_categories(loaded, image_set)
     check_precision(settings.precision, device)
     name = name or loaded.name
-    with loaded.lock:
-        table = detect(
-            loaded.model, image_set, loaded.meta.categories, model_name=name, views=views, batch=settings.batch,
-            device=device, score_thresh=settings.score_thresh, max_per_image=settings.max_per_image,
-            image_ids=None if image_ids is None else list(image_ids), with_masks=with_masks, progress=progress,
-            precision=settings.precision,
-        )  # fmt: skip
+    table = detect(
+        loaded.model, image_set, loaded.meta.categories, model_name=name, views=views, batch=settings.batch,
+        device=device, score_thresh=settings.score_thresh, max_per_image=settings.max_per_image,
+        image_ids=None if image_ids is None else list(image_ids), with_masks=with_masks, mask_thresh=settings.mask_thresh,
+        progress=progress, precision=settings.precision, torchvision_resize=loaded.torchvision_resize,
+    )  # fmt: skip
     meta = TableMeta(
         kind="instances" if with_masks else "detections",
         producer=f"{loaded.meta.kind}:{name}",
@@ -304,7 +309,9 @@ def detect_images(
         dataset=image_set.source,
         extra={"checkpoint": str(loaded.meta.path), "iteration": loaded.meta.iteration,
                "views": [v.source(name) for v in views],
-               **({"precision": settings.precision} if settings.precision != "fp32" else {}), **(extra or {})},  # fmt: skip
+               **({"precision": settings.precision} if settings.precision != "fp32" else {}),
+               **({"mask_thresh": settings.mask_thresh} if with_masks and settings.mask_thresh != DETECT.mask_thresh else {}),
+               **(extra or {})},  # fmt: skip
     )
     if out is not None:
         write_table(out, table, meta)

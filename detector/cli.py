@@ -108,6 +108,7 @@ def detect(
     name: Annotated[Optional[str], typer.Option(help="Model name in the source column (default: the config's name).")] = None,
     fast: Annotated[bool, typer.Option(help="Fold frozen BatchNorm into convolutions, channels-last on CPU.")] = True,
     with_masks: Annotated[bool, typer.Option(help="A segmenter checkpoint only: write its end-to-end instances (boxes and masks).")] = False,
+    mask_thresh: Annotated[float, typer.Option(help=help_of(DetectSettings, "mask_thresh"))] = DETECT.mask_thresh,
     coco_json: Annotated[Optional[Path], typer.Option(help="Also write the detections (or instances) as a COCO results JSON.")] = None,
 ) -> None:
     """Run a trained detector, or a segmenter end to end, over images with test-time augmentation;
@@ -122,7 +123,7 @@ def detect(
     from .checkpoint import files_in_use
 
     settings = validate_mapping(DetectSettings, dict(score_thresh=score_thresh, max_per_image=max_per_image, batch=batch,
-                                                         precision=precision),
+                                                         precision=precision, mask_thresh=mask_thresh),
                                 "twopass detect", ValueError, "setting")  # fmt: skip
     scales = parse_scales(tta_scales)
     check_outputs({"--out": out, "--coco-json": coco_json}, {"--ann": ann, "--images": images, "--checkpoint": files_in_use(checkpoint)})

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.ops import ps_roi_align, roi_align
-from torchvision.ops.poolers import LevelMapper, _convert_to_roi_format
 
 from twopass.pipeline.precision import full_precision
 
 from .config import RoIPoolConfig
+from .tv_private import LevelMapper, convert_to_roi_format
 
 
 def _roi_align_matrix(rois: Tensor, scale: float, out: int, ratio: int, n: int, h: int, w: int, aligned: bool = False) -> Tensor:
@@ -131,7 +131,7 @@ class LevelPooler(nn.Module):
 
     def forward(self, feats: list[Tensor], boxes: list[Tensor]) -> Tensor:
         """Pool each RoI from its own level. feats: one map per level; -> [R, C_out, p, p]."""
-        rois = _convert_to_roi_format(boxes)
+        rois = convert_to_roi_format(boxes)
         if len(feats) == 1:
             return self._pool(feats[0], rois, self.scales[0])
         level_of = self.mapper(boxes)
@@ -147,7 +147,7 @@ class LevelPooler(nn.Module):
 
     def pool_all(self, feats: list[Tensor], boxes: list[Tensor]) -> list[Tensor]:
         """Pool every RoI from every level (PANet adaptive feature pooling); one [R, C_out, p, p] per level."""
-        rois = _convert_to_roi_format(boxes)
+        rois = convert_to_roi_format(boxes)
         return [self._pool(f, rois, s) for f, s in zip(feats, self.scales)]
 
 

@@ -2,8 +2,11 @@
 
 Each view is made here, explicitly: the original image [3, H, W] is resized to the view size
 (the model's own resize rule: shorter side `scale`, longer side at most `max_size`) and
-mirrored if the view flips; the model sees it as is (its resize is switched off) and returns
-boxes in the view frame; `from_view` maps them back (unflip in the view frame, then rescale).
+mirrored if the view flips; the model sees it as is (`Detector.predict` with no size) and
+returns boxes in the view frame; `from_view` maps them back (unflip in the view frame, then
+rescale). Imported torchvision models (`torchvision_resize`) are resized by the model after
+normalising, as torchvision does, so their outputs are torchvision's at any image size.
+Thresholds are arguments of each call; nothing is written on the model, so threads may share it.
 Output rows are in original-image pixels with COCO category ids, `source` naming the model and
 the view (`r50_lsd@640`, `r50_lsd@640+flip`), so the fusion stage merges views and models alike.
 """
@@ -21,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from twopass.pipeline.settings import DETECT
+from twopass.pipeline.settings import DETECT, SEGMENT
 from twopass.pipeline.categories import Categories
 from twopass.pipeline.masks import paste_and_encode
 from twopass.pipeline.precision import autocast
@@ -90,39 +93,57 @@ def make_view_image(image: Tensor, view: View, max_size: int) -> Tensor:
 
 
 @contextlib.contextmanager
-def inference_settings(model: nn.Module, score_thresh: float | None, max_per_image: int | None) -> Iterator[None]:
-    """Model takes images already in the view frame, keeps RoI-sized masks; thresholds set for the run."""
-    t, rh = model.transform, model.roi_heads
-    saved = (t.resize_enabled, t.paste_masks, rh.score_thresh, rh.detections_per_img, model.training)
-    t.resize_enabled, t.paste_masks = False, False
-    if score_thresh is not None:
-        rh.score_thresh = score_thresh
-    if max_per_image is not None:
-        rh.detections_per_img = max_per_image
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """A model still training (the validation hook's, a test's fresh one) in eval mode for the
+    call and back in train mode after it; a model already in eval mode, which threads may share,
+    is left untouched (Detectron2's `inference_context`, without the write on a shared model)."""
+    if not model.training:
+        yield
+        return
     model.eval()
     try:
         yield
     finally:
-        t.resize_enabled, t.paste_masks, rh.score_thresh, rh.detections_per_img, training = saved
-        model.train(training)
+        model.train()
 
 
-def predict(model: nn.Module, images: list[Tensor], view: View, max_size: int) -> list[dict[str, Tensor]]:
-    """Predictions for original images [3, H_i, W_i] in [0, 1] through one view; boxes in
-    original-image pixels; masks (if any) as RoI-sized soft masks [N, 1, M, M] already unflipped.
-    Call inside `inference_settings`."""
-    view_images = [make_view_image(im, view, max_size) for im in images]
-    outputs = model(view_images)
-    for im, vim, o in zip(images, view_images, outputs):
-        o["boxes"] = from_view(o["boxes"], tuple(im.shape[-2:]), tuple(vim.shape[-2:]), view.flip)
+def predict(
+    model: nn.Module,
+    images: list[Tensor],
+    view: View,
+    max_size: int,
+    *,
+    score_thresh: float | None = None,
+    max_per_image: int | None = None,
+    torchvision_resize: bool = False,
+) -> list[dict[str, Tensor]]:
+    """Predictions (model in eval mode) for original images [3, H_i, W_i] in [0, 1] through
+    one view; boxes in original-image pixels; masks (if any) as RoI-sized soft masks
+    [N, 1, M, M] already unflipped. Thresholds: None keeps the model's own.
+
+    torchvision_resize: the model resizes after normalising (torchvision's order; the flip
+    comes first, exact in either order), else the view is resized here, before normalising."""
+    kept = dict(score_thresh=score_thresh, detections_per_img=max_per_image, paste_masks=False)
+    if torchvision_resize:
+        outputs = model.predict([im.flip(-1) if view.flip else im for im in images], size=view.scale, **kept)
+        for im, o in zip(images, outputs):
+            if view.flip:
+                o["boxes"] = flip_boxes(o["boxes"], im.shape[-1])
+        view_images = images
+    else:
+        view_images = [make_view_image(im, view, max_size) for im in images]
+        outputs = model.predict(view_images, **kept)
+        for im, vim, o in zip(images, view_images, outputs):
+            o["boxes"] = from_view(o["boxes"], tuple(im.shape[-2:]), tuple(vim.shape[-2:]), view.flip)
+    for o in outputs:
         if view.flip and "masks" in o:
             o["masks"] = o["masks"].flip(-1)
     return outputs
 
 
-def masks_to_rles(soft: Tensor, boxes: Tensor, hw: tuple[int, int]) -> list[dict]:
-    """RoI soft masks [N, 1, M, M] pasted at boxes (original pixels), thresholded at 0.5, as RLEs."""
-    return paste_and_encode(soft[:, 0], boxes, hw)
+def masks_to_rles(soft: Tensor, boxes: Tensor, hw: tuple[int, int], mask_thresh: float = SEGMENT.mask_thresh) -> list[dict]:
+    """RoI soft masks [N, 1, M, M] pasted at boxes (original pixels), thresholded at `mask_thresh`, as RLEs."""
+    return paste_and_encode(soft[:, 0], boxes, hw, mask_thresh)
 
 
 def detect(
@@ -137,28 +158,39 @@ def detect(
     score_thresh: float | None = None,
     max_per_image: int | None = None,
     with_masks: bool = False,
+    mask_thresh: float = SEGMENT.mask_thresh,
     image_ids: Sequence[int] | None = None,
     progress: Callable[[int], None] | None = None,
     precision: str = "fp32",
+    torchvision_resize: bool = False,
 ) -> pa.Table:
-    """Detections (or instances, with_masks) of every image of `image_set` (a
-    `pipeline.coco.ImageSet`) through every view. Labels map to COCO ids via `categories`.
-    `precision`: autocast of the forward passes (boxes, scores and masks come out float32)."""
+    """Detections (or instances, with_masks: masks thresholded at `mask_thresh`) of every
+    image of `image_set` (a `pipeline.coco.ImageSet`) through every view. Labels map to COCO
+    ids via `categories`. `precision`: autocast of the forward passes (boxes, scores and masks
+    come out float32). `torchvision_resize`: see `predict` (imported torchvision models)."""
+    if with_masks and not model.roi_heads.has_mask():
+        raise ValueError(f"model {model_name!r} has no mask head; cannot write instances")
+    with eval_mode(model):
+        return _detect(model, image_set, categories, model_name, views, batch, device, score_thresh, max_per_image,
+                       with_masks, mask_thresh, image_ids, progress, precision, torchvision_resize)  # fmt: skip
+
+
+def _detect(model, image_set, categories, model_name, views, batch, device, score_thresh, max_per_image, with_masks,
+            mask_thresh, image_ids, progress, precision, torchvision_resize) -> pa.Table:  # fmt: skip
     config = model.config
     views = list(views) if views else [View(config.input.test_size)]
     max_size = config.input.max_size
     ids = list(image_set.image_ids if image_ids is None else image_ids)
     cols: dict[str, list] = {"image_id": [], "category_id": [], "score": [], "boxes": [], "source": []}
     rles: list[dict] = []
-    if with_masks and not model.roi_heads.has_mask():
-        raise ValueError(f"model {model_name!r} has no mask head; cannot write instances")
-    with inference_settings(model, score_thresh, max_per_image), torch.inference_mode():
+    with torch.inference_mode():
         for start in range(0, len(ids), batch):
             chunk = ids[start : start + batch]
             images = [image_set.read(i).to(device).float().div_(255.0) for i in chunk]
             for view in views:
                 with autocast(device, precision):
-                    outputs = predict(model, images, view, max_size)
+                    outputs = predict(model, images, view, max_size, score_thresh=score_thresh, max_per_image=max_per_image,
+                                      torchvision_resize=torchvision_resize)  # fmt: skip
                 for image_id, im, o in zip(chunk, images, outputs):
                     n = len(o["boxes"])
                     if n == 0:
@@ -169,7 +201,7 @@ def detect(
                     cols["boxes"].append(o["boxes"].float().cpu().numpy())
                     cols["source"].extend([view.source(model_name)] * n)
                     if with_masks:
-                        rles.extend(masks_to_rles(o["masks"].float(), o["boxes"].float(), tuple(im.shape[-2:])))
+                        rles.extend(masks_to_rles(o["masks"].float(), o["boxes"].float(), tuple(im.shape[-2:]), mask_thresh))
             if progress is not None:
                 progress(min(start + batch, len(ids)))
     cat = lambda xs, dtype, shape: np.concatenate(xs).astype(dtype) if xs else np.zeros(shape, dtype)  # noqa: E731

@@ -11,54 +11,74 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from collections import OrderedDict
+
 from torch import Tensor, nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, _resize_image_and_masks, resize_boxes
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .backbone import build_backbone, head_norm
 from .config import ModelConfig
 from .heads import BoxPredictor, ConvFCHead, LevelPooler, LocationSensitiveHead, TwoFCHead
 from .roi_heads import DetectorRoIHeads
+from .tv_private import resize_boxes, resize_image_and_masks
 
 
 class DetectorTransform(GeneralizedRCNNTransform):
     """torchvision's normalise / resize / pad, with the test size as its own attribute.
 
     torchvision resizes eval images to `min_size[-1]`; here `test_size` is separate from the
-    training sizes so test-time augmentation can set a view's scale, and `resize=False` feeds
-    images already resized by the caller.
+    training sizes, and `prepare` takes the size of each call as an argument, so test-time
+    augmentation sets a view's scale (or feeds images already resized) without writing an
+    attribute: one model can serve several threads at once.
     """
 
     def __init__(self, train_sizes: list[int], test_size: int, max_size: int, mean, std, size_divisible: int):
         super().__init__(tuple(train_sizes), max_size, list(mean), list(std), size_divisible=size_divisible)
         self.test_size = test_size
-        self.resize_enabled = True
-        # False: eval outputs keep the RoI-sized soft masks [N, 1, M, M] for the caller to paste
-        # (test-time augmentation pastes each view's masks into the original frame itself).
-        self.paste_masks = True
 
-    def postprocess(self, result, image_shapes, original_image_sizes):
-        if self.training or self.paste_masks:
+    def postprocess(self, result, image_shapes, original_image_sizes, paste_masks: bool = True):
+        """Boxes back to original pixels; masks pasted there, or (`paste_masks=False`) kept as
+        RoI-sized soft masks [N, 1, M, M] for the caller to paste (test-time augmentation
+        pastes each view's masks into the original frame itself)."""
+        if self.training or paste_masks:
             return super().postprocess(result, image_shapes, original_image_sizes)
         for r, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
             r["boxes"] = resize_boxes(r["boxes"], im_s, o_im_s)
         return result
 
-    def resize(self, image: Tensor, target: Optional[dict[str, Tensor]] = None):
-        if not self.resize_enabled:
-            return image, target
+    def resize(self, image: Tensor, target: Optional[dict[str, Tensor]] = None, size: Optional[int] = None):
+        """torchvision's resize (shorter side `size`, default: a training size or the test
+        size; longer side at most max_size), skipped when the image is already that size."""
         h, w = image.shape[-2:]
-        size = self.torch_choice(self.min_size) if self.training else self.test_size
+        if size is None:
+            size = self.torch_choice(self.min_size) if self.training else self.test_size
         f = min(float(size) / min(h, w), float(self.max_size) / max(h, w))
         if int(h * f) == h and int(w * f) == w:  # already at that size: torchvision would still resample
             return image, target
-        image, target = _resize_image_and_masks(image, size, self.max_size, target)
+        image, target = resize_image_and_masks(image, size, self.max_size, target)
         if target is not None:
             target["boxes"] = resize_boxes(target["boxes"], (h, w), image.shape[-2:])
         return image, target
+
+    def prepare(self, images: list[Tensor], size: Optional[int] = None) -> ImageList:
+        """Inference input: each image [3, H_i, W_i] normalised, then resized as torchvision
+        does to shorter side `size` (None: taken as it is, already in the frame wanted), then
+        padded into one batch. torchvision's `forward` without targets, the size an argument."""
+        out = []
+        for image in images:
+            if image.dim() != 3:
+                raise ValueError(f"images must be [C, H, W] tensors, got shape {tuple(image.shape)}")
+            image = self.normalize(image)
+            if size is not None:
+                image, _ = self.resize(image, None, size)
+            out.append(image)
+        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in out]
+        return ImageList(self.batch_images(out, size_divisible=self.size_divisible), sizes)
 
 
 class CachedAnchorGenerator(AnchorGenerator):
@@ -85,11 +105,60 @@ class CachedAnchorGenerator(AnchorGenerator):
 
 
 class Detector(GeneralizedRCNN):
-    """GeneralizedRCNN with the model config attached (`self.config`)."""
+    """GeneralizedRCNN with the model config attached (`self.config`).
+
+    `model(images)` is torchvision's forward with the thresholds the model was built with;
+    `predict` and `masks_for_boxes` take the thresholds and the input frame as arguments
+    and write no attribute, so one model in eval mode serves concurrent calls.
+    """
 
     def __init__(self, config: ModelConfig, backbone, rpn, roi_heads, transform):
         super().__init__(backbone, rpn, roi_heads, transform)
         self.config = config
+
+    def _features(self, image_list: ImageList) -> dict[str, Tensor]:
+        features = self.backbone(image_list.tensors)
+        return OrderedDict([("0", features)]) if isinstance(features, Tensor) else features
+
+    def predict(
+        self,
+        images: list[Tensor],
+        *,
+        size: Optional[int] = None,
+        score_thresh: Optional[float] = None,
+        nms_thresh: Optional[float] = None,
+        detections_per_img: Optional[int] = None,
+        paste_masks: bool = True,
+    ) -> list[dict[str, Tensor]]:
+        """Eval-mode detections of images [3, H_i, W_i] in [0, 1].
+
+        size: shorter side to resize to (torchvision's resize, after normalising); None: the
+        images are used at their own size. Thresholds: None keeps the model's built-in ones.
+        Boxes XYXY in the pixels of the images given; masks (with a mask head) pasted into
+        them, or with `paste_masks=False` RoI-sized soft masks [N, 1, M, M]."""
+        original_sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+        image_list = self.transform.prepare(images, size)
+        features = self._features(image_list)
+        proposals, _ = self.rpn(image_list, features)
+        detections, _ = self.roi_heads(
+            features, proposals, image_list.image_sizes,
+            score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img,
+        )  # fmt: skip
+        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes, paste_masks=paste_masks)
+
+    def masks_for_boxes(
+        self, images: list[Tensor], boxes: list[Tensor], labels: list[Tensor], *, size: Optional[int] = None
+    ) -> list[Tensor]:
+        """Soft masks FloatTensor[N_i, M, M] of given boxes, each of its own label
+        (Detectron2's `forward_with_given_boxes`): the backbone and the mask branch only.
+
+        images [3, H_i, W_i] in [0, 1]; boxes [N_i, 4] XYXY in the images' pixels; labels
+        Int64Tensor[N_i] contiguous 1..K. size: as in `predict` (the boxes follow the resize)."""
+        image_list = self.transform.prepare(images, size)
+        if size is not None:
+            boxes = [resize_boxes(b, (int(im.shape[-2]), int(im.shape[-1])), s) for b, im, s in zip(boxes, images, image_list.image_sizes)]
+        masks = self.roi_heads.predict_masks(self._features(image_list), boxes, labels)
+        return [m[:, 0] for m in masks]
 
 
 class FloatRPNHead(RPNHead):

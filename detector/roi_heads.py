@@ -14,11 +14,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, maskrcnn_loss
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import boxes as box_ops
 
 from .heads import LevelPooler
+from .tv_private import BoxCoder, Matcher, maskrcnn_loss
 
 
 def fast_rcnn_loss(
@@ -42,7 +42,9 @@ class DetectorRoIHeads(RoIHeads):
 
     box_heads[s](features, proposals) -> [R, D]; box_predictors[s] -> (logits [R, K + 1],
     deltas [R, K + 1 or 1, 4]). Stage s matches at IoU `ious[s]`, encodes with
-    `reg_weights[s]` and its losses are scaled by `stage_weights[s]`.
+    `reg_weights[s]` and its losses are scaled by `stage_weights[s]`. `score_thresh`,
+    `nms_thresh` and `detections_per_img` are the defaults of `forward`'s arguments of the same
+    names (torchvision's constructor arguments); inference never writes them.
     """
 
     def __init__(
@@ -85,8 +87,8 @@ class DetectorRoIHeads(RoIHeads):
         self.box_heads = nn.ModuleList(box_heads)
         self.box_predictors = nn.ModuleList(box_predictors)
         self.stage_weights = list(stage_weights[:n])
-        self.matchers = [det_utils.Matcher(t, t, allow_low_quality_matches=False) for t in ious[:n]]
-        self.coders = [det_utils.BoxCoder(tuple(w)) for w in reg_weights[:n]]
+        self.matchers = [Matcher(t, t, allow_low_quality_matches=False) for t in ious[:n]]
+        self.coders = [BoxCoder(tuple(w)) for w in reg_weights[:n]]
         self.mask_feature_names = mask_feature_names or []
         self.max_mask_positives = max_mask_positives
         # The segmenter plugs its own branch in: branch(feats, boxes) -> logits [R, K + 1, M, M],
@@ -137,11 +139,18 @@ class DetectorRoIHeads(RoIHeads):
     # ----------------------------------------------------------------- inference
 
     def postprocess_probs(
-        self, probs: Tensor, boxes: Tensor, proposals: list[Tensor], image_shapes: list[tuple[int, int]]
+        self,
+        probs: Tensor,
+        boxes: Tensor,
+        proposals: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+        score_thresh: float,
+        nms_thresh: float,
+        detections_per_img: int,
     ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """torchvision's postprocess_detections, but from probabilities [R, K + 1] and decoded
         boxes [R, K + 1 or 1, 4] (so cascade stages can be averaged), thresholding before
-        clipping so boxes below the score threshold cost nothing."""
+        clipping so boxes below the score threshold cost nothing; thresholds as arguments."""
         num_classes = probs.shape[1]
         out_boxes, out_scores, out_labels = [], [], []
         sizes = [len(p) for p in proposals]
@@ -149,12 +158,12 @@ class DetectorRoIHeads(RoIHeads):
             s = s[:, 1:]
             b = b[:, 1:] if b.shape[1] > 1 else b.expand(-1, num_classes - 1, 4)
             labels = torch.arange(1, num_classes, device=s.device).view(1, -1).expand_as(s)
-            keep = torch.where(s.reshape(-1) > self.score_thresh)[0]
+            keep = torch.where(s.reshape(-1) > score_thresh)[0]
             b, s, labels = b.reshape(-1, 4)[keep], s.reshape(-1)[keep], labels.reshape(-1)[keep]
             b = box_ops.clip_boxes_to_image(b, shape)
             keep = box_ops.remove_small_boxes(b, min_size=1e-2)
             b, s, labels = b[keep], s[keep], labels[keep]
-            keep = box_ops.batched_nms(b, s, labels, self.nms_thresh)[: self.detections_per_img]
+            keep = box_ops.batched_nms(b, s, labels, nms_thresh)[:detections_per_img]
             out_boxes.append(b[keep])
             out_scores.append(s[keep])
             out_labels.append(labels[keep])
@@ -168,9 +177,14 @@ class DetectorRoIHeads(RoIHeads):
         proposals: list[Tensor],
         image_shapes: list[tuple[int, int]],
         targets: Optional[list[dict[str, Tensor]]] = None,
+        *,
+        score_thresh: Optional[float] = None,
+        nms_thresh: Optional[float] = None,
+        detections_per_img: Optional[int] = None,
     ) -> tuple[list[dict[str, Tensor]], dict[str, Tensor]]:
         """features: p{l} maps; proposals: per image [R_i, 4] (input-batch pixels).
-        Training: ({}, losses). Inference: ([{boxes, scores, labels[, masks]}], {})."""
+        Training: ({}, losses). Inference: ([{boxes, scores, labels[, masks]}], {}), kept by
+        the thresholds given (None: the constructor's)."""
         losses: dict[str, Tensor] = {}
         result: list[dict[str, Tensor]] = []
         if self.training:
@@ -205,7 +219,12 @@ class DetectorRoIHeads(RoIHeads):
                 stage_props = self._refine(s, deltas, logits, stage_props, image_shapes)
         assert probs_sum is not None
         boxes = self.coders[-1].decode(deltas.flatten(1), stage_props)
-        boxes, scores, labels = self.postprocess_probs(probs_sum / self.num_stages, boxes, stage_props, image_shapes)
+        boxes, scores, labels = self.postprocess_probs(
+            probs_sum / self.num_stages, boxes, stage_props, image_shapes,
+            self.score_thresh if score_thresh is None else score_thresh,
+            self.nms_thresh if nms_thresh is None else nms_thresh,
+            self.detections_per_img if detections_per_img is None else detections_per_img,
+        )  # fmt: skip
         result = [{"boxes": b, "labels": l, "scores": sc} for b, sc, l in zip(boxes, scores, labels)]
         if self.has_mask():
             masks = self.predict_masks(features, [r["boxes"] for r in result], [r["labels"] for r in result])
@@ -227,11 +246,16 @@ class DetectorRoIHeads(RoIHeads):
         return self.mask_predictor(self.mask_head(x)).float()
 
     def predict_masks(self, features: dict[str, Tensor], boxes: list[Tensor], labels: list[Tensor]) -> list[Tensor]:
-        """Soft masks [R_i, 1, M, M] of each box's own class."""
+        """Soft masks [R_i, 1, M, M] of each box's own class (labels [R_i], 1..K), boxes in
+        input-batch pixels. torchvision's maskrcnn_inference, but the class channel is taken
+        before the sigmoid (the same numbers, without a sigmoid over all K + 1 maps)."""
         if sum(len(b) for b in boxes) == 0:
             m = self.mask_branch.mask_size if self.mask_branch is not None else self.mask_roi_pool.output_size[0] * 2
             return [b.new_zeros((0, 1, m, m)) for b in boxes]
-        return list(maskrcnn_inference(self.mask_logits(features, boxes), labels))
+        logits = self.mask_logits(features, boxes)
+        index = torch.arange(logits.shape[0], device=logits.device)
+        probs = logits[index, torch.cat(labels)].sigmoid()[:, None]
+        return list(probs.split([len(b) for b in boxes]))
 
     def _mask_loss(self, features, proposals, labels, matched_idxs, targets) -> dict[str, Tensor]:
         pos_props, pos_matched = [], []

@@ -145,6 +145,7 @@ def detect_plan(run_dir, kind: ModelKind, spec: DetectorSpec, checkpoint: str | 
         score_thresh=spec.score_thresh,
         max_per_image=spec.max_per_image,
         **({"precision": spec.precision} if spec.precision != "fp32" else {}),  # fp32 keys as before the setting
+        **({"mask_thresh": spec.mask_thresh} if kind.name != "detector" and spec.mask_thresh != 0.5 else {}),  # likewise
         ids=list(map(int, ids)),
         images=images_digest(open_images(data), ids),
         device=device,

@@ -161,7 +161,7 @@ class PipelineConfig(_Strict):
         s = self.segmenter
         if s.own_boxes is not None:
             spec = DetectorSpec(name=s.name, model=s.model, checkpoint=s.checkpoint, train=s.train, tta=s.own_boxes.tta,
-                                weight=s.own_boxes.weight, precision=s.precision)  # fmt: skip
+                                weight=s.own_boxes.weight, precision=s.precision, mask_thresh=s.mask_thresh)  # fmt: skip
             members.append(("segmenter", spec))
         return members
 

@@ -64,6 +64,9 @@ class DetectSettings(_Strict):
     max_per_image: int = Field(100, ge=1, description="Detections kept per image and view.")
     batch: int = Field(2, ge=1, description="Images per forward pass.")
     precision: Precision = Field("fp32", description="fp32 | bf16 | fp16: autocast of the forward passes (pipeline/precision.py).")
+    mask_thresh: float = Field(
+        0.5, gt=0, lt=1, description="A segmenter run end to end (--with-masks, own boxes): pixels whose probability exceeds this are in the mask."
+    )
 
 
 class FuseSettings(_Strict):

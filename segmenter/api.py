@@ -66,11 +66,11 @@ def segment_images(
     check_values(table, what, score_range=(0.0, 1.0))  # a score of 1.5 is named, not copied to the masks
     if image_ids is not None:
         table = table.filter(pc.is_in(table.column("image_id"), value_set=pa.array(list(map(int, image_ids)), pa.int64())))
-    with loaded.lock:
-        instances, report = segment(
-            loaded.model, loaded.meta.categories, image_set, table, views, mask_thresh=settings.mask_thresh,
-            skip_invalid=settings.skip_invalid, what=what, device=device, progress=progress, precision=settings.precision,
-        )  # fmt: skip
+    instances, report = segment(
+        loaded.model, loaded.meta.categories, image_set, table, views, mask_thresh=settings.mask_thresh,
+        skip_invalid=settings.skip_invalid, what=what, device=device, progress=progress, precision=settings.precision,
+        torchvision_resize=loaded.torchvision_resize,
+    )  # fmt: skip
     meta = TableMeta(
         kind="instances",
         producer=f"segmenter:{name}",

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
 from twopass.detector.backbone import head_norm
 from twopass.detector.checkpoint import load_model
+from twopass.detector.tv_private import project_masks_on_boxes
 from twopass.detector.model import Detector, build_detector
 
 from .config import SegmenterConfig, segmenter_config_from_dict

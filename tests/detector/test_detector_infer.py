@@ -11,11 +11,10 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torchvision.models.detection.transform import _resize_image_and_masks
-
 from twopass.detector.config import ModelConfig
-from twopass.detector.infer import View, detect, flip_boxes, from_view, make_view_image, make_views, predict, to_view, view_size, inference_settings
+from twopass.detector.infer import View, detect, flip_boxes, from_view, make_view_image, make_views, predict, to_view, view_size
 from twopass.detector.model import build_detector
+from twopass.detector.tv_private import resize_image_and_masks
 from twopass.detector.speed import fold_batchnorm, optimize_for_inference
 from twopass.pipeline.categories import Categories
 from twopass.pipeline.coco import ImageSet
@@ -25,7 +24,7 @@ def test_view_size_matches_torchvision_resize():
     for h, w in [(128, 128), (100, 80), (427, 640), (33, 517), (800, 1216)]:
         for scale, max_size in [(48, 96), (64, 1333), (480, 800), (800, 1333), (641, 1000)]:
             img = torch.zeros(3, h, w)
-            resized, _ = _resize_image_and_masks(img, scale, max_size)
+            resized, _ = resize_image_and_masks(img, scale, max_size)
             assert view_size(h, w, scale, max_size) == tuple(resized.shape[-2:])
             # and the view image itself is what the model's transform would feed
             assert tuple(make_view_image(img, View(scale), max_size).shape[-2:]) == tuple(resized.shape[-2:])
@@ -59,12 +58,11 @@ class BrightBoxModel(nn.Module):
     def __init__(self, test_size=64, max_size=1333):
         super().__init__()
         self.config = SimpleNamespace(input=SimpleNamespace(test_size=test_size, max_size=max_size))
-        self.transform = SimpleNamespace(resize_enabled=True, paste_masks=True)
         self.roi_heads = SimpleNamespace(score_thresh=0.05, detections_per_img=100, has_mask=lambda: False)
         self.seen: list[tuple] = []
 
-    def forward(self, images):
-        assert not self.transform.resize_enabled  # inference takes the view frame as given
+    def predict(self, images, *, size=None, score_thresh=None, detections_per_img=None, paste_masks=True):
+        assert size is None  # inference takes the view frame as given
         out = []
         for im in images:
             self.seen.append(tuple(im.shape[-2:]))
@@ -94,7 +92,7 @@ def test_detect_undoes_each_view(tmp_path):
     # exact at the native scale; within the resampling blur (one view pixel) at the others
     assert np.allclose(boxes[2:4], [x1, y1, x2, y2], atol=1e-4)
     assert np.allclose(boxes, [[x1, y1, x2, y2]] * 6, atol=2.01)
-    assert model.transform.resize_enabled and model.roi_heads.score_thresh == 0.05  # settings restored
+    assert model.roi_heads.score_thresh == 0.05  # nothing written on the model
 
 
 def _tiny(**over) -> ModelConfig:
@@ -129,8 +127,7 @@ def test_explicit_views_equal_the_models_own_resize():
     images = [torch.rand(3, 100, 80), torch.rand(3, 70, 90)]
     with torch.no_grad():
         ref = model(images)
-        with inference_settings(model, None, None):
-            mine = predict(model, images, View(64), 96)
+        mine = predict(model, images, View(64), 96)
     for r, m in zip(ref, mine):
         assert torch.allclose(r["boxes"], m["boxes"], atol=1e-3) and torch.allclose(r["scores"], m["scores"], atol=1e-5)
 
@@ -241,3 +238,71 @@ def test_detect_cli_writes_coco_json_equal_to_its_parquet(synth_small, ckpts, tm
     table, meta = read_results(out)
     assert meta.kind == "detections" and table.num_rows > 0
     assert json.loads(coco.read_text()) == to_coco_results(table)
+
+
+def _image_set(tmp_path, sizes=((70, 90), (64, 80))):
+    (tmp_path / "imgs").mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(tmp_path / "imgs" / f"{i}.png")
+    return ImageSet.from_folder(tmp_path / "imgs")
+
+
+def test_one_model_serves_two_threads_with_their_own_thresholds(tmp_path):
+    """Thresholds are arguments, not model attributes: two threads running one model with
+    different thresholds at once each get what a call alone gets, and the model is unchanged."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    model = build_detector(_tiny(), 3).eval()
+    image_set = _image_set(tmp_path)
+    cats = Categories((1, 2, 3), ("a", "b", "c"))
+    settings = [dict(score_thresh=0.0, max_per_image=50), dict(score_thresh=0.3, max_per_image=3)]
+
+    def run(kw):
+        return detect(model, image_set, cats, model_name="t", views=make_views([64, 80], True), **kw)
+
+    alone = [run(kw) for kw in settings]
+    assert alone[0].num_rows > alone[1].num_rows > 0  # the two settings keep different rows
+    with ThreadPoolExecutor(2) as pool:
+        together = [f.result() for f in [pool.submit(run, kw) for kw in settings * 3]]
+    for i, table in enumerate(together):
+        assert table.equals(alone[i % 2]), i
+    assert (model.roi_heads.score_thresh, model.roi_heads.detections_per_img, model.training) == (0.0, 100, False)
+
+
+def test_end_to_end_masks_honour_mask_thresh(tmp_path):
+    """`detect(with_masks=True)` thresholds the pasted soft masks at `mask_thresh` (0.5 by default)."""
+    from twopass.detector.infer import masks_to_rles
+    from twopass.pipeline.tables import rles_of
+
+    torch.manual_seed(0)
+    model = build_detector(_tiny(), 3).eval()
+    image_set = _image_set(tmp_path, [(70, 90)])
+    cats = Categories((1, 2, 3), ("a", "b", "c"))
+    image = image_set.read(image_set.image_ids[0]).float() / 255
+    with torch.inference_mode():
+        out = predict(model, [image], View(64), 96, max_per_image=5)[0]
+    counts = {}
+    for thresh in (0.5, 0.45):
+        table = detect(model, image_set, cats, model_name="t", with_masks=True, max_per_image=5, mask_thresh=thresh)
+        want = masks_to_rles(out["masks"], out["boxes"], (70, 90), thresh)
+        counts[thresh] = [r["counts"] for r in rles_of(table)]
+        assert counts[thresh] == [r["counts"] for r in want]
+    default = detect(model, image_set, cats, model_name="t", with_masks=True, max_per_image=5)
+    assert [r["counts"] for r in rles_of(default)] == counts[0.5] != counts[0.45]
+
+
+def test_masks_for_boxes_equal_the_models_own_masks():
+    """Given its own detections back (boxes and labels), the model's `masks_for_boxes` gives the
+    soft masks its end-to-end pass gave them, at the input size and through its resize."""
+    torch.manual_seed(0)
+    model = build_detector(_tiny(), 3).eval()
+    images = [torch.rand(3, 64, 80), torch.rand(3, 70, 90)]
+    with torch.inference_mode():
+        for size in (None, 64):
+            own = model.predict(images, size=size, paste_masks=False, detections_per_img=5)
+            given = model.masks_for_boxes(images, [o["boxes"] for o in own], [o["labels"] for o in own], size=size)
+            for o, g in zip(own, given):
+                assert len(o["boxes"]) == 5
+                torch.testing.assert_close(g, o["masks"][:, 0], atol=1e-5, rtol=1e-4)
