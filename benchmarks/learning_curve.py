@@ -43,12 +43,11 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import mask_ap, step, torchvision_reference  # noqa: E402
+from train_speed import mask_ap, stepper, torchvision_reference  # noqa: E402
 
 from twopass.detector.checkpoint import load_weights, read_meta  # noqa: E402
-from twopass.detector.data import IterationBatches  # noqa: E402
 from twopass.detector.infer import EVAL_MAX_PER_IMAGE, EVAL_SCORE_THRESH  # noqa: E402
-from twopass.detector.train import TrainOptions, effective_lr, make_optimizer, param_groups, train  # noqa: E402
+from twopass.detector.train import TrainOptions, train  # noqa: E402
 from twopass.pipeline.coco import CocoDataset  # noqa: E402
 from twopass.pipeline.synth import generate  # noqa: E402
 from twopass.segmenter.config import load_segmenter_config  # noqa: E402
@@ -58,10 +57,8 @@ from twopass.segmenter.model import build_segmenter  # noqa: E402
 def probe_speed(build, dataset, tcfg, batch: int, iters: int = 4) -> float:
     """Median seconds of a training iteration (after one warm-up), fresh weights."""
     torch.manual_seed(0)
-    model = build().train()
-    opt = make_optimizer(param_groups(model, tcfg.weight_decay), effective_lr(None, tcfg, batch), tcfg)
-    batches = IterationBatches(dataset, batch, 0, iters + 1, seed=321, hflip_prob=0.5)
-    times = [step(model, opt, *batches[k], tcfg.clip_grad_norm) for k in range(iters + 1)]
+    steps = stepper(build(), dataset, tcfg, batch, seed=321)
+    times = [steps.run_step()["time"] for _ in range(iters + 1)]
     return statistics.median(times[1:])
 
 

@@ -39,11 +39,11 @@ import torch  # noqa: E402
 
 from twopass.detector.api import DETECTOR, detect_images, load_for_inference, train_model, views_of  # noqa: E402
 from twopass.detector.data import IterationBatches  # noqa: E402
-from twopass.detector.train import TrainOptions  # noqa: E402
+from twopass.detector.train import Trainer, TrainOptions  # noqa: E402
 from twopass.flows.demo import R18_FPN, SEGMENTER, SHUFFLE_LSD, SIZE  # noqa: E402
 from twopass.pipeline.coco import CocoDataset, CocoIndex  # noqa: E402
 from twopass.pipeline.evaluate import evaluate  # noqa: E402
-from twopass.pipeline.precision import autocast, cpu_bf16_native  # noqa: E402
+from twopass.pipeline.precision import cpu_bf16_native  # noqa: E402
 from twopass.pipeline.settings import DetectSettings  # noqa: E402
 from twopass.pipeline.synth import generate  # noqa: E402
 from twopass.segmenter.api import SEGMENTER as SEGMENTER_KIND  # noqa: E402
@@ -52,27 +52,21 @@ MODELS = (("r18_fpn", DETECTOR, R18_FPN), ("shufflev2_lsd", DETECTOR, SHUFFLE_LS
 
 
 def step_times(kind, spec, dataset, rounds: int) -> dict[str, list[float]]:
-    """s/iteration of fp32 and bf16 training steps on the same batches, alternating."""
+    """s/iteration of fp32 and bf16 training steps on the same batches, alternating: one model
+    and optimizer stepped by two of the engine's trainers (no hooks), one a precision, each
+    reading the same batch stream (round r: batch r in both)."""
     cfg = kind.config(spec)
     torch.manual_seed(0)
     model = kind.build(cfg, dataset.categories.num_classes)
-    model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batches = IterationBatches(dataset, 4, 0, 10**6, seed=123, hflip_prob=0.5)
+    steps = {p: Trainer(model.train(), opt, IterationBatches(dataset, 4, 0, 10**6, seed=123, hflip_prob=0.5), max_iter=10**6,
+                        seed=123, precision=p) for p in ("fp32", "bf16")}  # fmt: skip
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for r in range(rounds + 1):
-        for precision in ("fp32", "bf16"):
-            images, targets = batches[r]
-            torch.manual_seed(r)
-            t = time.perf_counter()
-            with autocast("cpu", precision):
-                losses = model(images, targets)
-            total = sum(v.float() for v in losses.values())
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
+        for precision, trainer in steps.items():
+            t = trainer.run_step()["time"]
             if r > 0:  # round 0 warms both up
-                times[precision].append(time.perf_counter() - t)
+                times[precision].append(t)
     return times
 
 

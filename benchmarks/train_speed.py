@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from twopass.detector.config import load_config  # noqa: E402
 from twopass.detector.data import IterationBatches  # noqa: E402
 from twopass.detector.model import build_detector  # noqa: E402
-from twopass.detector.train import TrainOptions, effective_lr, make_optimizer, param_groups, train  # noqa: E402
+from twopass.detector.train import Trainer, TrainOptions, effective_lr, make_optimizer, param_groups, train  # noqa: E402
 from twopass.pipeline.coco import CocoDataset, CocoIndex  # noqa: E402
 from twopass.pipeline.evaluate import evaluate  # noqa: E402
 from twopass.pipeline.synth import generate  # noqa: E402
@@ -56,38 +56,23 @@ def torchvision_reference(num_classes: int) -> torch.nn.Module:
     return MaskRCNN(backbone, num_classes=num_classes + 1, min_size=128, max_size=128)
 
 
-def step(model, optimizer, images, targets, clip: float | None) -> float:
-    t = time.perf_counter()
-    losses = model(images, targets)
-    total = sum(losses.values())
-    optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    if clip is not None:
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
-    optimizer.step()
-    return time.perf_counter() - t
+def stepper(model, dataset, tcfg, batch: int = 4, seed: int = 123) -> Trainer:
+    """The engine's training step on `model` with the preset's recipe (optimizer, LR scaled to
+    the batch, gradient clipping) and no hooks: `run_step()["time"]` is one step's seconds
+    (forward, backward, clipping, optimizer step; data loading not counted)."""
+    opt = make_optimizer(param_groups(model, tcfg.weight_decay), effective_lr(None, tcfg, batch), tcfg)
+    batches = IterationBatches(dataset, batch, 0, 10**6, seed=seed, hflip_prob=0.5)
+    return Trainer(model.train(), opt, batches, max_iter=10**6, seed=seed, clip_grad_norm=tcfg.clip_grad_norm)
 
 
 def measure_speed(ref, ours, dataset, rounds: int, ours_per_round: int, tcfg) -> tuple[list[float], list[float]]:
     """Alternate: one reference iteration, then `ours_per_round` of ours; after one warm-up each.
-    Both sides use the preset's optimizer and gradient clipping."""
-    batches = IterationBatches(dataset, 4, 0, 10**6, seed=123, hflip_prob=0.5)
-    lr = effective_lr(None, tcfg, 4)
-    opt_ref = make_optimizer(param_groups(ref, tcfg.weight_decay), lr, tcfg)
-    opt_ours = make_optimizer(param_groups(ours, tcfg.weight_decay), lr, tcfg)
-    clip = tcfg.clip_grad_norm
-    ref.train()
-    ours.train()
+    Both sides run the engine's step with the preset's recipe."""
+    ref_steps, ours_steps = stepper(ref, dataset, tcfg), stepper(ours, dataset, tcfg)
     t_ref, t_ours = [], []
-    k = 0
     for r in range(rounds + 1):
-        torch.manual_seed(r)
-        t = step(ref, opt_ref, *batches[k], clip)
-        k += 1
-        ts = []
-        for _ in range(ours_per_round):
-            ts.append(step(ours, opt_ours, *batches[k], clip))
-            k += 1
+        t = ref_steps.run_step()["time"]
+        ts = [ours_steps.run_step()["time"] for _ in range(ours_per_round)]
         if r > 0:  # round 0 warms both up
             t_ref.append(t)
             t_ours.extend(ts)

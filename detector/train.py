@@ -2,6 +2,12 @@
 in train mode (the detector here, the segmenter of pass two), one process or several (DDP
 under `torchrun`: gloo on CPU, NCCL on GPU).
 
+`Trainer` is the loop (Detectron2's `SimpleTrainer`): `run_step` is one iteration (batch,
+forward under autocast, finite-loss check, backward, clipping, optimizer step); everything
+else a run does (LR schedule, metrics log, divergence rule, time budget, checkpoints,
+validation) is a hook (`hooks.py`). `train` sets a run up (options, devices, resume, loader),
+lists the default hooks, then the caller's, and runs them.
+
 Determinism: the batch, the flips and the seed of every random draw inside the model (RPN and
 RoI sampling, multi-scale size) of iteration i are functions of (seed, i, rank), and the
 learning rate is a function of i. A run resumed from its checkpoint therefore retraces the
@@ -10,15 +16,14 @@ uninterrupted run exactly.
 
 from __future__ import annotations
 
-import contextlib
-import json
+import functools
 import math
 import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -30,35 +35,23 @@ from twopass.pipeline.devices import DeviceError, check_device
 from twopass.pipeline.precision import autocast, check_precision, grad_scaler
 
 from .backbone import convert_sync_batchnorm
-from .checkpoint import CheckpointError, last_meta, load_optimizer, load_weights, save_checkpoint, unwrap
+from .checkpoint import CheckpointError, last_meta, load_optimizer, load_weights
 from .config import TrainConfig
 from .data import IterationBatches, mix_seed, to_device
-
-
-class TrainingFailed(FloatingPointError, ValueError):
-    """The loss is not finite, or has diverged (`diverged`): the learning rate or the data, not a
-    fault a retry fixes. A ValueError, so the CLI prints it as one line and flows never retry it."""
-
-
-# A loss diverges when the mean of its last DIVERGE_WINDOW iterations exceeds DIVERGE_FACTOR
-# times the mean of the run's first DIVERGE_WINDOW. The start is the reference, warm-up
-# included: a healthy run's loss is highest there (warm-up starts at a tiny LR), and a run that
-# diverges while its LR warms up is caught within 2 * DIVERGE_WINDOW iterations.
-DIVERGE_WINDOW = 20
-DIVERGE_FACTOR = 100.0
-
-
-def diverged(losses: list[float], window: int = DIVERGE_WINDOW, factor: float = DIVERGE_FACTOR) -> str | None:
-    """Why the total losses of a run's iterations (in order, first of this process first) have
-    diverged, in words; None while they have not (or fewer than 2 * window are known)."""
-    if len(losses) < 2 * window:
-        return None
-    first, last = float(np.mean(losses[:window])), float(np.mean(losses[-window:]))
-    if last <= factor * first:
-        return None
-    n = len(losses)
-    return (f"loss diverged: mean {last:.4g} over the last {window} iterations, above {factor:g}x the mean {first:.4g} "
-            f"of the first {window} (of {n})")
+from .hooks import (  # noqa: F401 (DIVERGE_WINDOW, diverged: the divergence rule, re-exported with its error)
+    DIVERGE_WINDOW,
+    Checkpointer,
+    HookBase,
+    LRSchedule,
+    MetricsLog,
+    StopAt,
+    StopOnDivergence,
+    StopTraining,
+    TimeBudget,
+    TrainingFailed,
+    Validation,
+    diverged,
+)
 
 
 @dataclass
@@ -184,56 +177,131 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-# --------------------------------------------------------------------------- logging
+# --------------------------------------------------------------------------- the loop
 
 
-class _Log:
-    """Progress bar (rank 0, when asked) and the JSONL of per-iteration metrics."""
+class Trainer:
+    """The training loop (Detectron2's `SimpleTrainer`): `run_step` is one iteration, `train`
+    runs iterations from `start_iter` to `max_iter` calling the hooks around each (`hooks.py`
+    says when and with what).
 
-    def __init__(self, path: Path, start: int, iters: int, show: bool):
-        self.path = path
-        if path.exists():  # resumed: drop what the lost iterations after the checkpoint wrote
-            kept = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l).get("iter", 0) <= start]
-            path.write_text("".join(l + "\n" for l in kept))
-        self.file = path.open("a")
-        self.progress = None
-        if show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    model: maps (images, targets) to a dict of losses in train mode (DDP-wrapped under torchrun).
+    batches: (images, targets) per iteration, the first for iteration `start_iter`; a
+        `data.IterationBatches` (or a DataLoader over one) keeps a run deterministic.
+    seed: with the iteration and `dist.rank`, seeds every random draw of an iteration.
+    clip_grad_norm: clip the gradients' total norm to this (None: no clipping).
+    scaler: fp16's gradient scaler (`pipeline.precision.grad_scaler`; None: the one `precision` needs).
+    where: starts the message of a non-finite loss (the run folder).
+    """
 
-            self.progress = Progress(
-                TextColumn("train"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]:.3f}"),
-                TextColumn("{task.fields[speed]}"),
-                TextColumn("ETA"),
-                TimeRemainingColumn(),
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batches: Iterable,
+        *,
+        max_iter: int,
+        start_iter: int = 0,
+        seed: int = 0,
+        precision: str = "fp32",
+        clip_grad_norm: float | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        dist: DistInfo | None = None,
+        hooks: Sequence[HookBase] = (),
+        where: str = "training",
+    ):
+        self.model, self.optimizer, self.batches = model, optimizer, batches
+        self.max_iter, self.start_iter, self.iter = max_iter, start_iter, start_iter
+        self.seed, self.precision, self.clip_grad_norm, self.where = seed, precision, clip_grad_norm, where
+        self.dist = dist or DistInfo(0, 1, torch.device("cpu"))
+        self.scaler = scaler if scaler is not None else grad_scaler(self.dist.device, precision)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.record: dict[str, Any] | None = None  # the last iteration's metrics (MetricsLog writes them)
+        self.history: list[dict[str, Any]] = []  # every record of this process's run
+        self.losses: dict[str, float] = {}  # the last iteration's losses
+        self.train_seconds = 0.0  # in iterations: steps and data loading
+        self.error: BaseException | None = None  # why the run failed (in after_train)
+        self.interrupted = False  # a hook raised StopTraining
+        self._stop = False
+        self._batch_iter = None
+        self.hooks: list[HookBase] = []
+        for h in hooks:
+            h.trainer = self
+            self.hooks.append(h)
+
+    def stop(self) -> None:
+        """End the run after this iteration; hooks still to run see it as the last (`last`)."""
+        self._stop = True
+
+    @property
+    def last(self) -> bool:
+        """Whether the iteration just done ends the run (the schedule's end, or `stop`)."""
+        return self.iter >= self.max_iter or self._stop
+
+    def train(self) -> None:
+        """Iterations until `max_iter` or a stop, with the hooks; a failure is re-raised after
+        every hook's after_train has seen it in `error`."""
+        self.model.train()
+        try:
+            for h in self.hooks:
+                h.before_train()
+            while self.iter < self.max_iter and not self._stop:
+                for h in self.hooks:
+                    h.before_step()
+                self.run_step()
+                for h in self.hooks:
+                    h.after_step()
+        except StopTraining:
+            self.interrupted = True
+        except BaseException as e:
+            self.error = e
+            raise
+        finally:
+            for h in reversed(self.hooks):
+                h.after_train()
+
+    def run_step(self) -> dict[str, Any]:
+        """Iteration `iter` (0-based), without hooks; counts it in `iter` and returns and keeps its
+        record {iter (1-based), lr, loss (the total), each loss, time (the step's seconds: forward,
+        backward, clipping, optimizer step), data_time, grad_norm (when clipping)}. Raises
+        TrainingFailed (nothing stepped) when the loss is not finite."""
+        t_data = time.perf_counter()
+        if self._batch_iter is None:  # started here so a DataLoader's worker start counts as data time
+            self._batch_iter = iter(self.batches)
+        images, targets = to_device(*next(self._batch_iter), self.dist.device)
+        data_time = time.perf_counter() - t_data
+        t0 = time.perf_counter()
+        seed_everything(mix_seed(self.seed, self.iter, self.dist.rank, 2))
+        with autocast(self.dist.device, self.precision):
+            losses = self.model(images, targets)
+        total = sum(v.float() for v in losses.values())
+        if not torch.isfinite(total):
+            raise TrainingFailed(
+                f"{self.where}: iteration {self.iter + 1}: loss is {total.item()} ({ {k: round(v.item(), 4) for k, v in losses.items()} }); "
+                "lower --lr (or the config's train.base_lr) or check the data"
             )
-            self.progress.start()
-            self.task = self.progress.add_task("train", total=iters, completed=start, loss=float("nan"), speed="")
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def step(self, it: int, loss: float, sec: float) -> None:
-        if self.progress is not None:
-            speed = f"{1 / sec:.2f} it/s" if sec < 1 else f"{sec:.2f} s/it"
-            self.progress.update(self.task, completed=it, loss=loss, speed=speed)
-
-    def print(self, msg: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(msg)
-        else:
-            print(msg, flush=True)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-        self.file.close()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        grad_norm = None
+        if self.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad_norm))
+        self.scaler.step(self.optimizer)  # skips the step if fp16 gradients overflowed
+        self.scaler.update()
+        sec = time.perf_counter() - t0
+        self.iter += 1
+        self.train_seconds += sec + data_time
+        self.losses = {k: float(v.detach()) for k, v in losses.items()}
+        record = {"iter": self.iter, "lr": self.optimizer.param_groups[0]["lr"], "loss": float(total.detach()), **self.losses,
+                  "time": sec, "data_time": data_time}  # fmt: skip
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        self.record = record
+        self.history.append(record)
+        return record
 
 
-# --------------------------------------------------------------------------- engine
+# --------------------------------------------------------------------------- a run
 
 
 def train(
@@ -246,12 +314,15 @@ def train(
     config: dict[str, Any],
     categories: Categories,
     validate: Callable[[nn.Module], dict[str, Any]] | None = None,
+    hooks: Sequence[HookBase] = (),
 ) -> TrainResult:
     """Train `model` on `dataset` ((image, target) pairs) for `options.iters` iterations.
 
     kind, config, categories: recorded in every checkpoint so it can be rebuilt alone.
     validate(model) -> metrics: called on rank 0 with the model in eval mode every
     `val_every` iterations and at the end.
+    hooks: the caller's, called after the default ones (metrics log, LR schedule, divergence
+    rule, stop_at, time budget, checkpoints, validation: in that order), in theirs.
     """
     if getattr(dataset, "categories", None) is not None:
         categories.check_same(dataset.categories, f"training set {getattr(dataset, 'ann_file', '')}".strip())
@@ -262,9 +333,6 @@ def train(
     di = setup_distributed(options.device)
     out = Path(options.out)
     seed = cfg.seed if options.seed is None else options.seed
-    ckpt_every = cfg.checkpoint_every if options.checkpoint_every is None else options.checkpoint_every
-    val_every = cfg.val_every if options.val_every is None else options.val_every
-    workers = cfg.num_workers if options.num_workers is None else options.num_workers
     precision = options.precision or cfg.precision
     check_precision(precision, di.device)
     scaler = grad_scaler(di.device, precision)  # fp16 on CUDA only; else it passes through
@@ -272,139 +340,65 @@ def train(
     model.to(di.device)
     if di.world > 1 and options.sync_bn:
         model = convert_sync_batchnorm(model)
-    groups = param_groups(model, cfg.weight_decay)
     peak = effective_lr(options.lr, cfg, options.batch * di.world)
-    optimizer = make_optimizer(groups, peak, cfg)
-
-    start = 0
-    if options.resume:
-        meta = last_meta(out)  # None: nothing saved yet, start from scratch
-        if meta is not None:
-            if meta.kind != kind:
-                raise CheckpointError(f"{meta.path}: a {meta.kind!r} checkpoint, this run trains a {kind!r}")
-            categories.check_same(meta.categories, f"resume from {meta.path}")
-            load_weights(model, meta)
-            load_optimizer(optimizer, meta)
-            if meta.extra.get("grad_scaler"):
-                scaler.load_state_dict(meta.extra["grad_scaler"])
-            start = meta.iteration
+    optimizer = make_optimizer(param_groups(model, cfg.weight_decay), peak, cfg)
+    start = resume(out, model, optimizer, scaler, kind=kind, categories=categories) if options.resume else 0
     if start >= options.iters:
         raise ValueError(f"{out}: already trained to iteration {start} of {options.iters}; raise --iters to continue")
-
-    params = [p for g in groups for p in g["params"]]
-    ddp = model
     if di.world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[di.device.index] if di.device.type == "cuda" else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[di.device.index] if di.device.type == "cuda" else None)
 
     batches = IterationBatches(dataset, options.batch, start, options.iters, seed, cfg.hflip_prob, di.rank, di.world)
+    workers = cfg.num_workers if options.num_workers is None else options.num_workers
     loader = torch.utils.data.DataLoader(
         batches, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_identity, persistent_workers=False
     )
     if di.main:
         out.mkdir(parents=True, exist_ok=True)
     di.barrier()
-    log = _Log(out / "metrics.jsonl", start, options.iters, options.progress and di.main) if di.main else None
 
-    def checkpoint(it: int) -> Path | None:
-        path = None
-        if di.main:
-            path = save_checkpoint(out, model, kind=kind, config=config, categories=categories, iteration=it, optimizer=optimizer, extra={"seed": seed, "world": di.world, "precision": precision,
-                                   **({"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {})})  # fmt: skip
-        di.barrier()
-        return path
+    def extra() -> dict[str, Any]:  # a checkpoint's: what a resume needs beside weights and optimizer
+        return {"seed": seed, "world": di.world, "precision": precision, **({"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {})}
 
-    def run_validation(it: int) -> dict[str, Any] | None:
-        metrics = None
-        if di.main and validate is not None:
-            core = unwrap(ddp)
-            core.eval()
-            metrics = validate(core)
-            core.train()
-            log.write({"iter": it, "val": metrics})
-            log.print(f"iter {it}: val {_short(metrics)}")
-        di.barrier()
-        return metrics
+    log = MetricsLog(out / "metrics.jsonl", options.progress) if di.main else None
+    ckpt_every = cfg.checkpoint_every if options.checkpoint_every is None else options.checkpoint_every
+    val_every = cfg.val_every if options.val_every is None else options.val_every
+    checkpointer = Checkpointer(out, ckpt_every, kind=kind, config=config, categories=categories, extra=extra)
+    validation = Validation(validate, val_every, log) if validate is not None else None
+    defaults = [
+        log,
+        LRSchedule(functools.partial(lr_at, iters=options.iters, peak=peak, cfg=cfg)),
+        StopOnDivergence(str(out)),
+        StopAt(options.stop_at) if options.stop_at is not None else None,
+        TimeBudget(options.time_budget_s) if options.time_budget_s is not None else None,
+        checkpointer,
+        validation,
+    ]
+    trainer = Trainer(model, optimizer, loader, max_iter=options.iters, start_iter=start, seed=seed, precision=precision,
+                      clip_grad_norm=cfg.clip_grad_norm, scaler=scaler, dist=di, where=str(out),
+                      hooks=[h for h in defaults if h is not None] + list(hooks))  # fmt: skip
+    trainer.train()
+    val = None if trainer.interrupted or validation is None else validation.metrics  # a crash-like stop reports none
+    return TrainResult(trainer.iter, checkpointer.path, trainer.losses, trainer.train_seconds,
+                       _median([h["time"] for h in trainer.history]), val, trainer.history)  # fmt: skip
 
-    ddp.train()
-    it = start
-    last_ckpt: Path | None = None
-    last_losses: dict[str, float] = {}
-    val_metrics = None
-    times: list[float] = []
-    history: list[dict[str, Any]] = []
-    totals: list[float] = []  # total loss per iteration, for `diverged`
-    train_seconds = 0.0
-    t_data = time.perf_counter()
-    try:
-        for images, targets in loader:
-            images, targets = to_device(images, targets, di.device)
-            data_time = time.perf_counter() - t_data
-            t0 = time.perf_counter()
-            seed_everything(mix_seed(seed, it, di.rank, 2))
-            lr = lr_at(it, options.iters, peak, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            with autocast(di.device, precision):
-                losses = ddp(images, targets)
-            total = sum(v.float() for v in losses.values())
-            if not torch.isfinite(total):
-                raise TrainingFailed(
-                    f"{out}: iteration {it + 1}: loss is {total.item()} ({ {k: round(v.item(), 4) for k, v in losses.items()} }); "
-                    "lower --lr (or the config's train.base_lr) or check the data"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            grad_norm = None
-            if cfg.clip_grad_norm is not None:
-                scaler.unscale_(optimizer)  # clip the true gradients
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm))
-            scaler.step(optimizer)  # skips the step if fp16 gradients overflowed
-            scaler.update()
-            it += 1
-            sec = time.perf_counter() - t0
-            times.append(sec)
-            train_seconds += sec + data_time
-            last_losses = {k: float(v.detach()) for k, v in losses.items()}
-            record = {"iter": it, "lr": lr, "loss": float(total.detach()), **last_losses, "time": sec, "data_time": data_time}
-            if grad_norm is not None:
-                record["grad_norm"] = grad_norm
-            history.append(record)
-            if log is not None:
-                log.write(record)
-                log.step(it, record["loss"], sec)
-            totals.append(record["loss"])
-            if (why := diverged(totals)) is not None:
-                raise TrainingFailed(f"{out}: iteration {it}: {why}; lower --lr (or the config's train.base_lr) or check the data")
-            if options.stop_at is not None and it >= options.stop_at:
-                return TrainResult(it, last_ckpt, last_losses, train_seconds, _median(times), None, history)
-            out_of_time = options.time_budget_s is not None and train_seconds >= options.time_budget_s
-            if it == options.iters or out_of_time or (ckpt_every and it % ckpt_every == 0):
-                last_ckpt = checkpoint(it)
-            if validate is not None and (it == options.iters or out_of_time or (val_every and it % val_every == 0)):
-                val_metrics = run_validation(it)
-            if out_of_time:
-                break
-            t_data = time.perf_counter()
-    except BaseException as e:
-        # the run's record says why it stopped; a run that failed before its first checkpoint
-        # is then restarted by the same command (`api.claim_run_folder`)
-        if log is not None:
-            with contextlib.suppress(OSError, ValueError):  # a full disk: the error itself is what counts
-                log.write({"iter": it + 1, "error": f"{type(e).__name__}: {e}"})
-        raise
-    finally:
-        if log is not None:
-            log.close()
-    return TrainResult(it, last_ckpt, last_losses, train_seconds, _median(times), val_metrics, history)
+
+def resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *, kind: str,
+           categories: Categories) -> int:  # fmt: skip
+    """Load the last checkpoint in run folder `out` into model, optimizer and scaler; returns its
+    iteration (0: nothing saved yet, start from scratch)."""
+    meta = last_meta(out)
+    if meta is None:
+        return 0
+    if meta.kind != kind:
+        raise CheckpointError(f"{meta.path}: a {meta.kind!r} checkpoint, this run trains a {kind!r}")
+    categories.check_same(meta.categories, f"resume from {meta.path}")
+    load_weights(model, meta)
+    load_optimizer(optimizer, meta)
+    if meta.extra.get("grad_scaler"):
+        scaler.load_state_dict(meta.extra["grad_scaler"])
+    return meta.iteration
 
 
 def _median(xs: list[float]) -> float:
     return float(np.median(xs)) if xs else math.nan
-
-
-def _short(metrics: dict[str, Any]) -> str:
-    parts = []
-    for t in ("bbox", "segm"):
-        if isinstance(metrics.get(t), dict):
-            parts.append(f"{t} AP {metrics[t]['AP']:.3f} AP50 {metrics[t]['AP50']:.3f}")
-    return ", ".join(parts) or str({k: v for k, v in metrics.items() if not isinstance(v, dict)})

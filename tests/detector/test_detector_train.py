@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from twopass.detector.checkpoint import CheckpointError, load_detector, read_meta, save_checkpoint
+from twopass.detector.api import DETECTOR
+from twopass.detector.checkpoint import CheckpointError, read_meta, save_checkpoint
 from twopass.detector.config import ModelConfig, TrainConfig
+from twopass.detector.hooks import HookBase
 from twopass.detector.infer import make_validator
 from twopass.detector.model import build_detector
 from twopass.detector.train import TrainOptions, effective_lr, lr_at, train
@@ -151,43 +153,43 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     model = build_detector(cfg, 2)
     path = save_checkpoint(tmp_path / "run", model, kind="detector", config=cfg.to_dict(), categories=cats, iteration=3)
     for ref in (tmp_path / "run", path, path.with_suffix(".safetensors")):
-        loaded, meta = load_detector(ref)
+        loaded, meta = DETECTOR.load(ref)
         assert meta.iteration == 3 and meta.categories == cats and not loaded.training
         for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
             assert k == k2 and torch.equal(v, v2)
     with pytest.raises(CheckpointError, match="no checkpoint in this folder"):
-        load_detector(tmp_path)
+        DETECTOR.load(tmp_path)
     with pytest.raises(CheckpointError, match="no such checkpoint"):
-        load_detector(tmp_path / "nope.json")
+        DETECTOR.load(tmp_path / "nope.json")
     # A truncated weights file
     weights = path.with_suffix(".safetensors")
     blob = weights.read_bytes()
     weights.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(CheckpointError, match=r"iter_0000003.safetensors: not a readable safetensors"):
-        load_detector(path)
+        DETECTOR.load(path)
     weights.write_bytes(blob)
     # Weights of another architecture
     meta = json.loads(path.read_text())
     meta["config"]["box_head"]["fc_dim"] = 64
     path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="do not fit the model.*box_heads"):
-        load_detector(path)
+        DETECTOR.load(path)
     # A config that no longer validates, a JSON that is not a checkpoint, a wrong kind
     meta["config"]["box_head"]["type"] = "nonsense"
     path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"box_head\.type"):
-        load_detector(path)
+        DETECTOR.load(path)
     path.write_text(json.dumps({"hello": 1}))
     with pytest.raises(CheckpointError, match="not a twopass checkpoint"):
-        load_detector(path)
+        DETECTOR.load(path)
     path.write_text("{broken")
     with pytest.raises(CheckpointError, match="not valid JSON"):
-        load_detector(path)
+        DETECTOR.load(path)
     meta["config"]["box_head"]["type"] = "two_fc"
     meta["kind"] = "segmenter"
     path.write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="expected 'detector'"):
-        load_detector(path)
+        DETECTOR.load(path)
 
 
 def test_category_mismatch_is_a_clear_error(dataset, tmp_path):
@@ -323,3 +325,114 @@ def test_a_non_finite_loss_is_recorded_and_a_run_that_saved_nothing_restarts(tmp
         with pytest.raises(OutputError, match="holds another run"):
             claim_run_folder(folder, resume=False, overwrite=False)
     assert (tmp_path / "run" / "checkpoints" / "mine.txt").is_file()
+
+
+class _Recorder(HookBase):
+    """A user hook that records each call with what the trainer shows it then."""
+
+    def __init__(self, run, stop_after=None, fail_after=None):
+        self.run, self.stop_after, self.fail_after, self.calls = run, stop_after, fail_after, []
+
+    def before_train(self):
+        self.calls.append(("before_train", self.trainer.iter))
+
+    def before_step(self):
+        self.calls.append(("before_step", self.trainer.iter, self.trainer.optimizer.param_groups[0]["lr"]))
+
+    def after_step(self):
+        t = self.trainer
+        saved = (self.run / "checkpoints" / f"iter_{t.iter:07d}.json").is_file()
+        self.calls.append(("after_step", t.iter, t.record["iter"], t.record["loss"], saved, t.last))
+        if t.iter == self.fail_after:
+            raise RuntimeError("boom")
+        if t.iter == self.stop_after:
+            t.stop()
+
+    def after_train(self):
+        self.calls.append(("after_train", self.trainer.iter, repr(self.trainer.error)))
+
+
+def _run_hooked(cfg, dataset, out, hook, iters=3, **kw):
+    hook = _Recorder(out, **hook)
+    wsum = lambda m: {"wsum": float(sum(p.detach().double().sum() for p in m.parameters()))}  # noqa: E731
+    torch.manual_seed(0)
+    model = build_detector(cfg, dataset.categories.num_classes)
+    opts = TrainOptions(out=out, iters=iters, batch=2, progress=False, **kw)
+    try:
+        result = train(model, dataset, opts, cfg.train, kind="detector", config=cfg.to_dict(), categories=dataset.categories,
+                       validate=wsum, hooks=[hook])  # fmt: skip
+    except RuntimeError as e:
+        result = e
+    return result, hook.calls
+
+
+def test_a_user_hook_is_called_in_order_after_the_default_hooks(dataset, tmp_path):
+    """before_train, then before_step / after_step per iteration, then after_train: the LR is set
+    when before_step runs, the record and the checkpoint of the iteration exist when after_step
+    runs, `last` marks the final iteration, and after_train sees no error."""
+    cfg = tiny_config()
+    result, calls = _run_hooked(cfg, dataset, tmp_path / "run", {}, iters=3, checkpoint_every=2)
+    peak = effective_lr(None, cfg.train, 2)
+    losses = [h["loss"] for h in result.history]
+    assert calls == [
+        ("before_train", 0),
+        ("before_step", 0, lr_at(0, 3, peak, cfg.train)), ("after_step", 1, 1, losses[0], False, False),
+        ("before_step", 1, lr_at(1, 3, peak, cfg.train)), ("after_step", 2, 2, losses[1], True, False),
+        ("before_step", 2, lr_at(2, 3, peak, cfg.train)), ("after_step", 3, 3, losses[2], True, True),
+        ("after_train", 3, "None"),
+    ]  # fmt: skip
+
+
+def test_a_hook_that_stops_early_gets_that_iteration_saved_and_validated(dataset, tmp_path):
+    """stop() after iteration 2 of 6: training ends there, iteration 2 is checkpointed and
+    validated, and its weights are those an uninterrupted 6-iteration run saves at 2."""
+    cfg = tiny_config()
+    result, calls = _run_hooked(cfg, dataset, tmp_path / "stopped", {"stop_after": 2}, iters=6, checkpoint_every=100)
+    assert result.iteration == 2 and result.checkpoint.name == "iter_0000002.json"
+    assert [c[0] for c in calls] == ["before_train", "before_step", "after_step", "before_step", "after_step", "after_train"]
+    records = [json.loads(l) for l in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in records] == [1, 2, 2] and records[-1]["val"] == result.val
+    whole, _ = _run_hooked(cfg, dataset, tmp_path / "whole", {}, iters=6, checkpoint_every=2)
+    wa = load_file(str(tmp_path / "stopped/checkpoints/iter_0000002.safetensors"))
+    wb = load_file(str(tmp_path / "whole/checkpoints/iter_0000002.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_failing_hook_is_recorded_and_every_hook_sees_the_error(dataset, tmp_path):
+    error, calls = _run_hooked(tiny_config(), dataset, tmp_path / "run", {"fail_after": 1}, iters=3, checkpoint_every=100)
+    assert str(error) == "boom" and calls[-1] == ("after_train", 1, "RuntimeError('boom')")
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last == {"iter": 2, "error": "RuntimeError: boom"}
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_default_hooks_train_as_the_plain_loop_does(dataset, tmp_path):
+    """`train` with its default hooks against the loop written out by hand (seeded per iteration,
+    LR schedule, clipping, SGD): the same losses, LRs and final weights, bit for bit."""
+    from twopass.detector.data import IterationBatches, mix_seed
+    from twopass.detector.train import make_optimizer, param_groups, seed_everything
+
+    cfg = tiny_config(cascade_stages=3)
+    t = cfg.train
+    result = _run(cfg, dataset, tmp_path / "run", iters=4)
+    torch.manual_seed(0)
+    model = build_detector(cfg, dataset.categories.num_classes).train()
+    peak = effective_lr(None, t, 2)
+    opt = make_optimizer(param_groups(model, t.weight_decay), peak, t)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    batches = IterationBatches(dataset, 2, 0, 4, t.seed, t.hflip_prob)
+    want = []
+    for i in range(4):
+        seed_everything(mix_seed(t.seed, i, 0, 2))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(i, 4, peak, t)
+        total = sum(model(*batches[i]).values())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm)
+        opt.step()
+        want.append((i + 1, lr_at(i, 4, peak, t), float(total.detach())))
+    assert [(h["iter"], h["lr"], h["loss"]) for h in result.history] == want
+    saved = load_file(str(tmp_path / "run/checkpoints/iter_0000004.safetensors"))
+    assert saved.keys() == model.state_dict().keys()
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
