@@ -201,12 +201,6 @@ _PARTIAL = re.compile(r"iter_\d{7}(\.optim)?\.(json|safetensors)|\..+\.tmp")
 
 
 @dataclass
-    @property
-    def torchvision_resize(self) -> bool:
-        """An imported torchvision model: resized after normalising, as torchvision does, so its
-        outputs are torchvision's at any image size (`detector.infer.predict`)."""
-        return "imported_from" in self.meta.extra
-
 class LoadedModel:
     """A model ready for inference (eval mode). Inference takes its thresholds as arguments and
     writes nothing on the model, so threads may share one."""
@@ -217,6 +211,12 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.model.config.name
+
+    @property
+    def torchvision_resize(self) -> bool:
+        """An imported torchvision model: resized after normalising, as torchvision does, so its
+        outputs are torchvision's at any image size (`detector.infer.predict`)."""
+        return "imported_from" in self.meta.extra
 
 
 _CACHE: "OrderedDict[tuple, LoadedModel]" = OrderedDict()
