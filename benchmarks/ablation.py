@@ -213,7 +213,7 @@ def model_config(name: str, budget: Budget):
     d["name"] = name
     if kind == "detector":  # the detector's MaskHeadConfig has no segmenter switches
         d["mask_head"] = {k: v for k, v in d["mask_head"].items() if k not in ("type", "multi_scale_roi", "edge_loss", "edge_weight")}
-    from twopass.segmenter.two_pass import KINDS
+    from twopass.segmenter.api import KINDS
 
     return kind, KINDS[kind].config(d, f"ablation model {name}")
 
@@ -444,7 +444,7 @@ class Ablation:
         from twopass.detector.checkpoint import last_meta
         from twopass.detector.train import TrainOptions
         from twopass.pipeline.fileio import write_json
-        from twopass.segmenter.two_pass import KINDS
+        from twopass.segmenter.api import KINDS
 
         done = self.model_done(name, seed)
         if done is not None:
@@ -479,7 +479,7 @@ class Ablation:
         """(model optimised for inference, checkpoint meta), trained if needed, cached per seed."""
         if name not in self._models:
             from twopass.detector.api import load_for_inference
-            from twopass.segmenter.two_pass import KINDS
+            from twopass.segmenter.api import KINDS
 
             self.ensure_trained(name, seed)
             kind, _ = self.config(name)

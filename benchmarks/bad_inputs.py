@@ -50,7 +50,7 @@ def make_inputs(root: Path) -> dict[str, Path]:
     from twopass.detector.checkpoint import save_checkpoint
     from twopass.pipeline.coco import CocoIndex, ImageSet
     from twopass.pipeline.synth import generate
-    from twopass.segmenter.two_pass import KINDS
+    from twopass.segmenter.api import KINDS
 
     ann = generate(root / "data", 6, 128, seed=0)
     cats = CocoIndex.load(ann).categories

@@ -1,5 +1,5 @@
 """What Prefect costs: two_pass_flow on the embedded server versus the same stage functions
-called directly (`segmenter.two_pass.two_pass_plain`), on the same small data and models.
+called directly (`flows.plain.two_pass_plain`), on the same small data and models.
 
 Synthetic 128 px images, the demo's two detectors (2 scales x flip each) and segmenter with
 random weights (no training: the work per shard is what matters here). Each variant runs in
@@ -63,7 +63,7 @@ def main() -> None:
 
     from twopass.detector.api import clear_cache
     from twopass.pipeline.runfolder import read_ledger, shards, stage_counts
-    from twopass.segmenter.two_pass import two_pass_plain
+    from twopass.flows.plain import two_pass_plain
 
     n_shards = len(shards(cfg.data))
     members = len(cfg.pass_one())
@@ -124,7 +124,7 @@ def random_checkpoint(folder: Path, kind: str, model: dict, categories) -> Path:
     import torch
 
     from twopass.detector.checkpoint import save_checkpoint
-    from twopass.segmenter.two_pass import KINDS
+    from twopass.segmenter.api import KINDS
 
     last = folder / "checkpoints" / "iter_0000000.json"
     if last.is_file():

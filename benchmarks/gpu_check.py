@@ -34,7 +34,8 @@ import pycocotools.mask as mask_util
 import torch
 from PIL import Image
 
-from twopass.detector.api import DETECTOR, detect_images, load_any, train_model, views_of
+from twopass.detector.api import DETECTOR, detect_images, train_model, views_of
+from twopass.segmenter.api import load_any
 from twopass.detector.importer import ARCHS, import_torchvision
 from twopass.detector.train import TrainOptions
 from twopass.flows.demo import R18_FPN, SEGMENTER, SHUFFLE_LSD

@@ -3,7 +3,8 @@
 The CLI (`twopass train-detector`, `train-segmenter`, `detect`), the run-folder stages
 (`detector.stage`) and the benchmarks call these and nothing below them, so a setting means
 the same everywhere. Both model kinds train on one engine (`detector.train`); a `ModelKind`
-record says how to configure, build and load each (the segmenter's is `segmenter.api.SEGMENTER`).
+record says how to configure, build and load each (the segmenter's is `segmenter.api.SEGMENTER`;
+`segmenter.api.KINDS` maps both by name).
 """
 
 from __future__ import annotations
@@ -61,18 +62,6 @@ class ModelKind:
 
 
 DETECTOR = ModelKind("detector", load_config, config_from_dict, build_detector)
-
-
-def kind_of(name: str) -> ModelKind:
-    """The ModelKind called `name` (a checkpoint's `kind`). The segmenter's record lives in
-    `segmenter.api`, which builds on this module, hence the import here."""
-    if name == DETECTOR.name:
-        return DETECTOR
-    from twopass.segmenter.api import SEGMENTER
-
-    if name == SEGMENTER.name:
-        return SEGMENTER
-    raise ValueError(f"unknown model kind {name!r}; expected detector or segmenter")
 
 
 # --------------------------------------------------------------------------- training
@@ -251,11 +240,6 @@ def load_for_inference(kind: ModelKind, checkpoint: str | Path, device: str = "c
 def clear_cache() -> None:
     with _CACHE_LOCK:
         _CACHE.clear()
-
-
-def load_any(checkpoint: str | Path, device: str = "cpu", fast: bool = True) -> LoadedModel:
-    """`load_for_inference` of a detector or a segmenter (a full Mask R-CNN), by the checkpoint's kind."""
-    return load_for_inference(kind_of(read_meta(checkpoint).kind), checkpoint, device, fast)
 
 
 def views_of(checkpoint: str | Path, scales: Sequence[int] | None, flip: bool) -> list[View]:

@@ -310,11 +310,3 @@ def load_model(path: str | Path, kind: str, parse: Callable, build: Callable, de
     model = build(config, meta.categories.num_classes)
     load_weights(model, meta)
     return model.to(device).eval(), meta
-
-
-def load_detector(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, meta) from a detector checkpoint (file or run folder)."""
-    from .config import config_from_dict
-    from .model import build_detector
-
-    return load_model(path, "detector", config_from_dict, build_detector, device)

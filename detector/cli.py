@@ -113,13 +113,15 @@ def detect(
 ) -> None:
     """Run a trained detector, or a segmenter end to end, over images with test-time augmentation;
     write a detections (or, --with-masks, instances) table."""
-    from twopass.pipeline.cli import progress_bar
+    from twopass.pipeline.console import progress_bar
     from twopass.pipeline.coco import ImageSet
     from twopass.pipeline.config import validate_mapping
     from twopass.pipeline.fileio import check_outputs
     from twopass.pipeline.tables import write_results
 
-    from .api import detect_images, load_any, views_of
+    from twopass.segmenter.api import load_any  # either kind: the kind map is the segmenter package's
+
+    from .api import detect_images, views_of
     from .checkpoint import files_in_use
 
     settings = validate_mapping(DetectSettings, dict(score_thresh=score_thresh, max_per_image=max_per_image, batch=batch,

@@ -186,7 +186,9 @@ def import_torchvision(arch: str, weights: str | Path, out: str | Path, categori
                        overwrite: bool = False) -> Path:  # fmt: skip
     """Write run folder `out` (checkpoints/iter_0000000.{json,safetensors}, config.yaml) holding
     torchvision's `arch` with the tensors of `weights`; returns the checkpoint JSON."""
-    from .api import claim_run_folder, kind_of
+    from twopass.segmenter.api import kind_of  # the one map of model kinds (the segmenter's is built on this package)
+
+    from .api import claim_run_folder
 
     if arch not in ARCHS:
         raise ValueError(f"--arch {arch!r}: not importable; choose one of {', '.join(ARCHS)}")

@@ -1,6 +1,6 @@
 """Pass one in a run folder: train a model once, detect shard by shard, each output named by its
 content key (`pipeline.runfolder`), so a rerun skips what is finished. No Prefect here: the
-flows' tasks and the plain loop (`segmenter.two_pass`) call these.
+flows' tasks and the plain loop (`flows.plain`) call these.
 """
 
 from __future__ import annotations

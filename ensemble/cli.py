@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
                                      category_map=category_map, extra={"images": None if images is None else str(images)})  # fmt: skip
             write_results(out, fused, meta, coco_json)  # both outputs or neither
         except (ValueError, OSError) as e:
-            from twopass.pipeline.cli import error_line
+            from twopass.pipeline.console import error_line
 
             typer.echo(f"twopass: error: {error_line(e)}", err=True)
             raise typer.Exit(2) from None

@@ -1,4 +1,4 @@
-"""The Prefect layer, and only that: thin flows and tasks over the plain stage functions.
+"""The orchestration layer: the two-pass pipeline described once, run by plain calls or by Prefect.
 
 Importing this package sets Prefect's defaults for this project *before* Prefect is imported
 (`os.environ.setdefault`, so anything the user sets wins):
@@ -12,12 +12,13 @@ Importing this package sets Prefect's defaults for this project *before* Prefect
 `PREFECT_HOME` (database, local results) is set by the `twopass` commands to a folder under
 the run folder unless the user has set it; see `flows.env.configure`.
 
-Modules: `tasks` (one Prefect task per stage execution, each calling the plain stage function
-of its package: `detector.stage`, `ensemble.stage`, `segmenter.stage`, `pipeline.runfolder`),
-`prefect_flows` (the Prefect flows; `prefect.yaml` deploys them), `runners` (their task runner
-parameter, which the CLI checks before Prefect starts), `demo` (the demo's config), `cli`
-(`twopass demo`, `twopass flow ...`), `env` (the settings above). Nothing outside this
-package imports Prefect; the same pipeline without Prefect is `segmenter.two_pass.two_pass_plain`.
+Modules: `steps` (the two-pass pipeline described once: its shard steps, their arguments and
+cache keys; the evaluation of every stage) and `plain` (its executor without Prefect), which do
+not import Prefect; `tasks` (the Prefect tasks: one per step execution, each a call of the plain
+stage function of its package), `prefect_flows` (the Prefect flows, the other executor of
+`steps`; `prefect.yaml` deploys them), `runners` (their task runner parameter, which the CLI
+checks before Prefect starts), `demo` (the demo's config), `cli` (`twopass demo`,
+`twopass flow ...`), `env` (the settings above). Nothing outside this package imports Prefect.
 """
 
 from __future__ import annotations

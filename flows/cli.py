@@ -83,7 +83,7 @@ def _fail(e: Exception) -> None:
 
 def print_ap_table(rows: list[dict], title: str) -> None:
     """The AP table on the terminal (report.md has every column and what each row is)."""
-    from twopass.pipeline.cli import print_table
+    from twopass.pipeline.console import print_table
 
     cols = ["box AP", "box AP50", "mask AP", "mask AP50"]
     print_table(title, ["stage", *cols], [[r["stage"], *(r[c] for c in cols)] for r in rows])
@@ -273,7 +273,7 @@ def demo(
     Prefect's embedded server (the segmenter's own boxes fused with the detectors'), and prints
     the AP of each model, the fused boxes and the final masks; report.md and pictures go to --out.
     """
-    from twopass.pipeline.cli import progress_bar
+    from twopass.pipeline.console import progress_bar
     from twopass.pipeline.config import write_pipeline_config
     from twopass.pipeline.fileio import read_json
     from twopass.pipeline.synth import DIFFICULTIES, description, generate

@@ -32,8 +32,8 @@ from twopass.pipeline import report
 from twopass.pipeline.config import PipelineConfig, safe_name
 from twopass.pipeline.fileio import read_json, stable_hash, sweep_temp_files
 from twopass.pipeline.runfolder import ap_table, data_hash, format_ap_table, publish, read_ledger, shard_label, shards, stage_counts, write_coco_json
+from twopass.flows import steps
 from twopass.segmenter.api import SEGMENTER
-from twopass.segmenter.two_pass import checkpoints as resolve_checkpoints
 
 DEFAULT_RUN_DIR = "runs/twopass"
 
@@ -192,34 +192,34 @@ def detect_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, ch
     config, run_dir = _prepare(config, run_dir)
     T = tasks.bound(run_dir)
     with run_log(run_dir), tasks_on(task_runner):
-        ckpts = resolve_checkpoints(config, run_dir, checkpoints)
+        ctx = steps.Context(config, run_dir, steps.checkpoints(config, run_dir, checkpoints), shards(config.data))
         submitted = Shards()
-        parts = _submit_detect(T, config, run_dir, ckpts, shards(config.data), submitted)
+        _submit(T, ctx, [steps.DETECT], submitted)
         _finish(submitted, "detect_flow")
-        return _merge_and_publish_detections(T, run_dir, parts)[0]
+        return _merge_and_publish(T, steps.DETECT, ctx)[0]
 
 
-def _submit_detect(T, config, run_dir, ckpts, shard_ids, submitted: Shards) -> dict[str, list]:
-    """{model name: futures of its shards} for every model of pass one."""
-    n = len(shard_ids)
-    parts: dict[str, list] = {}
-    for kind, d in config.pass_one():
-        with tags(d.name):  # with the task's own (twopass, detect): concurrency limits per model
-            parts[d.name] = [
-                submitted.add(f"detect {d.name} shard {k + 1}/{n} ({shard_label(ids)})", T.detect_shard.submit(
-                    run_dir=run_dir, kind=kind, spec=d, checkpoint=ckpts[d.name], data=config.data, ids=ids, device=config.device,
-                    shard=_shard_name(k, n)))
-                for k, ids in enumerate(shard_ids)
-            ]  # fmt: skip
-    return parts
+def _submit(T, ctx: steps.Context, chain: list[steps.Step], submitted: Shards) -> None:
+    """Submit the steps of `chain` on every shard and label (`steps.schedule`); their futures go
+    to ctx.outputs, where the later steps' arguments take them (Prefect waits on them)."""
+    n = len(ctx.shard_ids)
+    for step, label, k in steps.schedule(ctx, chain):
+        many = len(step.labels(ctx)) > 1
+        with tags(label):  # with the task's own (twopass, <step>): concurrency limits per model
+            ctx.put(step, label, k, submitted.add(
+                f"{step.name}{f' {label}' if many else ''} shard {k + 1}/{n} ({shard_label(ctx.shard_ids[k])})",
+                T.steps[step.name].submit(step=step.name, name=step.task_name(ctx, label), shard=_shard_name(k, n),
+                                          run_dir=ctx.run_dir, args=step.args(ctx, label, k))))  # fmt: skip
 
 
-def _merge_and_publish_detections(T, run_dir, parts: dict[str, list]) -> tuple[dict[str, str], dict[str, Path]]:
-    """({model name: merged detections}, {output name: published file})."""
+def _merge_and_publish(T, step: steps.Step, ctx: steps.Context) -> tuple[dict[str, str], dict[str, Path]]:
+    """({label: merged file}, {output name: published file}) of a submitted step."""
     merged, published = {}, {}
-    for name, futs in parts.items():
-        merged[name] = T.merge.submit(run_dir=run_dir, stage="detections", label=name, parts=[f.result() for f in futs]).result()
-        published[f"detections_{safe_name(name)}"] = publish(run_dir, merged[name], f"detections_{safe_name(name)}.parquet")
+    for label, futs in ctx.outputs[step.name].items():
+        merged[label] = T.merge.submit(run_dir=ctx.run_dir, stage=step.stage, label=label, parts=[f.result() for f in futs]).result()
+        name = step.publish(label)
+        if name:
+            published[name.removesuffix(".parquet")] = publish(ctx.run_dir, merged[label], name)
     return merged, published
 
 
@@ -237,16 +237,11 @@ def fuse_flow(config: PipelineConfig | str, detections: dict[str, str], run_dir:
     with run_log(run_dir), tasks_on(task_runner):
         submitted = Shards()
         shard_ids = shards(config.data)
-        n = len(shard_ids)
-        for k, ids in enumerate(shard_ids):
-            submitted.add(f"fuse shard {k + 1}/{n}", T.fuse_shard.submit(
-                run_dir=run_dir, fusion=config.fusion, inputs=list(detections.values()), weights=[weights[k] for k in detections],
-                data=config.data, ids=ids, shard=_shard_name(k, n)))  # fmt: skip
+        # the given files stand for pass one's outputs on every shard (the stage takes each shard's rows)
+        ctx = steps.Context(config, run_dir, {}, shard_ids, {"detect": {name: [path] * len(shard_ids) for name, path in detections.items()}})
+        _submit(T, ctx, [steps.FUSE], submitted)
         _finish(submitted, "fuse_flow")
-        paths = [f.result() for _, f in submitted.items]
-        merged = T.merge.submit(run_dir=run_dir, stage="fused", label="fused", parts=paths).result()
-        publish(run_dir, merged, "fused.parquet")
-        return merged
+        return _merge_and_publish(T, steps.FUSE, ctx)[0]["fused"]
 
 
 @flow(name="segment")
@@ -268,14 +263,11 @@ def segment_flow(config: PipelineConfig | str, detections: str, run_dir: str = D
         ckpt = checkpoint or str(resolve_model(run_dir, SEGMENTER, s, config.data, config.device))
         submitted = Shards()
         shard_ids = shards(config.data)
-        n = len(shard_ids)
-        for k, ids in enumerate(shard_ids):
-            submitted.add(f"segment shard {k + 1}/{n} ({shard_label(ids)})", T.segment_shard.submit(
-                run_dir=run_dir, spec=s, checkpoint=ckpt, detections=str(det.resolve()), data=config.data, ids=ids,
-                device=config.device, shard=_shard_name(k, n)))  # fmt: skip
+        ctx = steps.Context(config, run_dir, {s.name: ckpt}, shard_ids, {"fuse": {"fused": [str(det.resolve())] * len(shard_ids)}})
+        _submit(T, ctx, [steps.SEGMENT], submitted)
         _finish(submitted, "segment_flow")
-        paths = [f.result() for _, f in submitted.items]
-        merged = T.merge.submit(run_dir=run_dir, stage="instances", label=s.name, parts=paths).result()
+        merged = T.merge.submit(run_dir=run_dir, stage=steps.SEGMENT.stage, label=s.name,
+                                parts=[f.result() for f in ctx.outputs["segment"][s.name]]).result()  # fmt: skip
         own = Path(run_dir) / f"segment-{data_hash(det)[:12]}"
         publish(own, merged, "instances.parquet")
         write_coco_json(own, merged, "instances.json")
@@ -343,36 +335,18 @@ def two_pass_flow(config: PipelineConfig | str, run_dir: str = DEFAULT_RUN_DIR, 
     T = tasks.bound(run_dir)
     with run_log(run_dir), tasks_on(task_runner):
         log = get_run_logger()
-        ckpts = resolve_checkpoints(config, run_dir, checkpoints)
-        shard_ids = shards(config.data)
-        n = len(shard_ids)
-        log.info(f"{len(config.detectors)} detectors, {sum(map(len, shard_ids))} images in {n} shards of up to {config.data.shard_size}")
+        ctx = steps.Context(config, run_dir, steps.checkpoints(config, run_dir, checkpoints), shards(config.data))
+        n = len(ctx.shard_ids)
+        log.info(f"{len(config.detectors)} detectors, {sum(map(len, ctx.shard_ids))} images in {n} shards of up to {config.data.shard_size}")
         submitted = Shards()
-        det = _submit_detect(T, config, run_dir, ckpts, shard_ids, submitted)
-        members = [d for _, d in config.pass_one()]
-        weights = [d.weight for d in members]
-        fused_f, inst_f = [], []
-        s = config.segmenter
-        for k, ids in enumerate(shard_ids):
-            inputs = [det[d.name][k] for d in members]
-            f = submitted.add(f"fuse shard {k + 1}/{n}", T.fuse_shard.submit(
-                run_dir=run_dir, fusion=config.fusion, inputs=inputs, weights=weights, data=config.data, ids=ids,
-                shard=_shard_name(k, n)))  # fmt: skip
-            fused_f.append(f)
-            inst_f.append(submitted.add(f"segment shard {k + 1}/{n}", T.segment_shard.submit(
-                run_dir=run_dir, spec=s, checkpoint=ckpts[s.name], detections=f, data=config.data, ids=ids,
-                device=config.device, shard=_shard_name(k, n))))  # fmt: skip
+        _submit(T, ctx, steps.SHARD_STEPS, submitted)
         _finish(submitted, "two_pass_flow")
-        merged_det, published = _merge_and_publish_detections(T, run_dir, det)
-        paths = lambda futs: [f.result() for f in futs]  # noqa: E731
-        fused = T.merge.submit(run_dir=run_dir, stage="fused", label="fused", parts=paths(fused_f)).result()
-        instances = T.merge.submit(run_dir=run_dir, stage="instances", label=s.name, parts=paths(inst_f)).result()
-        outputs = {
-            **published,
-            "fused": publish(run_dir, fused, "fused.parquet"),
-            "instances": publish(run_dir, instances, "instances.parquet"),
-            "instances_json": write_coco_json(run_dir, instances, "instances.json"),
-        }
+        merged, outputs = {}, {}
+        for step in steps.SHARD_STEPS:
+            merged[step.name], published = _merge_and_publish(T, step, ctx)
+            outputs.update(published)
+        merged_det, fused, instances = steps.finals(merged)
+        outputs["instances_json"] = write_coco_json(run_dir, instances, "instances.json")
         ran = _ran_since(run_dir, t0)
         log.info(f"computed this run: {ran or 'nothing (all reused)'}")
         ev = _evaluate_and_report(T, config, run_dir, merged_det, fused, instances, ran)

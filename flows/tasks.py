@@ -1,6 +1,7 @@
 """Prefect tasks: one per stage execution (one shard, one model), each a call of the plain stage
-function of its package (`detector.stage`, `ensemble.stage`, `segmenter.stage`,
-`pipeline.runfolder`).
+function of its package: the shard steps of `flows.steps` (one task, `shard_step`, named after
+each step), training (`detector.stage`), merging (`pipeline.runfolder`) and the evaluation
+(`flows.steps`).
 
 Caching has two layers with one key (the stage's plan: a hash of the input files' content, the
 stage's settings and the shard's image ids):
@@ -26,13 +27,11 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
 from twopass.detector import stage as detector_stage
-from twopass.ensemble import stage as ensemble_stage
+from twopass.flows import steps  # absolute, as prefect_flows: Prefect may load these files by path
 from twopass.pipeline import runfolder
 from twopass.pipeline.fileio import is_disk_full
 from twopass.pipeline.runfolder import Planned
-from twopass.segmenter import stage as segmenter_stage
-from twopass.segmenter import two_pass
-from twopass.segmenter.two_pass import KINDS
+from twopass.segmenter.api import KINDS
 
 
 def _log(level: str = "info"):
@@ -122,27 +121,16 @@ def train_model(run_dir: str, kind: str, spec, data, device: str = "cpu", progre
     return detector_stage.train_stage(run_dir, KINDS[kind], spec, data, device, progress, log=_log())
 
 
-@task(name="detect-shard", persist_result=True, task_run_name="detect-{spec.name}-{shard}", tags=["twopass", "detect"],
-      retry_condition_fn=transient, **RETRIES,
-      cache_key_fn=_key(lambda p: detector_stage.detect_plan(p["run_dir"], KINDS[p["kind"]], p["spec"], p["checkpoint"], p["data"],
-                                                              p["ids"], p["device"])))  # fmt: skip
-def detect_shard(run_dir: str, kind: str, spec, checkpoint: str, data, ids: list[int], device: str = "cpu", shard: str = "") -> str:
-    return detector_stage.detect_shard(run_dir, KINDS[kind], spec, checkpoint, data, ids, device, plan=_plan(), log=_log())
+def _step_plan(p: dict[str, Any]) -> Planned:
+    return steps.step_named(p["step"]).plan(**p["args"])
 
 
-@task(name="fuse-shard", persist_result=True, task_run_name="fuse-{shard}", tags=["twopass", "fuse"],
-      retry_condition_fn=transient, **RETRIES,
-      cache_key_fn=_key(lambda p: ensemble_stage.fuse_plan(p["run_dir"], p["fusion"], p["inputs"], p["weights"], p["data"], p["ids"])))  # fmt: skip
-def fuse_shard(run_dir: str, fusion, inputs: list[str], weights: list[float], data, ids: list[int], shard: str = "") -> str:
-    return ensemble_stage.fuse_shard(run_dir, fusion, inputs, weights, data, ids, plan=_plan(), log=_log())
-
-
-@task(name="segment-shard", persist_result=True, task_run_name="segment-{spec.name}-{shard}", tags=["twopass", "segment"],
-      retry_condition_fn=transient, **RETRIES,
-      cache_key_fn=_key(lambda p: segmenter_stage.segment_plan(p["run_dir"], p["spec"], p["checkpoint"], p["detections"], p["data"],
-                                                                p["ids"], p["device"])))  # fmt: skip
-def segment_shard(run_dir: str, spec, checkpoint: str, detections: str, data, ids: list[int], device: str = "cpu", shard: str = "") -> str:
-    return segmenter_stage.segment_shard(run_dir, spec, checkpoint, detections, data, ids, device, plan=_plan(), log=_log())
+@task(name="shard-step", persist_result=True, task_run_name="{name}-{shard}", tags=["twopass"], retry_condition_fn=transient,
+      **RETRIES, cache_key_fn=_key(_step_plan))  # fmt: skip
+def shard_step(step: str, name: str, shard: str, run_dir: str, args: dict[str, Any]) -> str:
+    """One execution of a step of `flows.steps.SHARD_STEPS` (its stage function) on one shard;
+    `name`: the task run's name before the shard ("detect-<model>", "fuse", ...)."""
+    return steps.step_named(step).run(**args, plan=_plan(), log=_log())
 
 
 @task(name="merge", persist_result=True, task_run_name="merge-{stage}-{label}", tags=["twopass", "merge"],
@@ -153,9 +141,9 @@ def merge(run_dir: str, stage: str, label: str, parts: list[str]) -> str:
 
 
 @task(name="evaluate", persist_result=True, tags=["twopass", "evaluate"], retry_condition_fn=transient, **RETRIES,
-      cache_key_fn=_key(lambda p: two_pass.evaluation_plan(p["run_dir"], p["data"], p["fusion"], p["detectors"], p["fused"], p["instances"])))  # fmt: skip
+      cache_key_fn=_key(lambda p: steps.evaluation_plan(p["run_dir"], p["data"], p["fusion"], p["detectors"], p["fused"], p["instances"])))  # fmt: skip
 def evaluate(run_dir: str, data, fusion, detectors: dict[str, str], fused: str | None, instances: str | None) -> str:
-    return two_pass.evaluate_stage(run_dir, data, fusion, detectors, fused, instances, plan=_plan(), log=_log())
+    return steps.evaluate_stage(run_dir, data, fusion, detectors, fused, instances, plan=_plan(), log=_log())
 
 
 def results_dir(run_dir: str | Path) -> Path:
@@ -163,8 +151,11 @@ def results_dir(run_dir: str | Path) -> Path:
 
 
 def bound(run_dir: str | Path) -> SimpleNamespace:
-    """The tasks with their Prefect results (and cache records) stored under the run folder."""
+    """The tasks with their Prefect results (and cache records) stored under the run folder;
+    `.steps[name]`: the task of each shard step, named and tagged after it."""
     storage = results_dir(run_dir)
     storage.mkdir(parents=True, exist_ok=True)
-    tasks = (train_model, detect_shard, fuse_shard, segment_shard, merge, evaluate)
-    return SimpleNamespace(**{t.fn.__name__: t.with_options(result_storage=storage) for t in tasks})
+    tasks = (train_model, merge, evaluate)
+    bound_steps = {s.name: shard_step.with_options(name=f"{s.name}-shard", tags={"twopass", s.name}, result_storage=storage)
+                   for s in steps.SHARD_STEPS}  # fmt: skip
+    return SimpleNamespace(steps=bound_steps, **{t.fn.__name__: t.with_options(result_storage=storage) for t in tasks})

@@ -1,4 +1,7 @@
-"""The `twopass` command line. Stage packages add their own commands through `register(app)`.
+"""The `twopass` command line. Stage packages add their own commands through `register(app)`:
+`PLUGINS` is the registration list, imported when this module is (the entry point is the one
+module above every stage; the stage CLIs take their printing from `pipeline.console`, never
+from here).
 
 Heavy imports (torch, models) happen inside commands so that `twopass --help` stays quick.
 """
@@ -14,6 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .console import error_line, print_table, progress_bar  # noqa: F401  (the commands' printing; also pipeline.cli.error_line)
 from .threads import set_wait_policy
 
 app = typer.Typer(
@@ -33,27 +37,6 @@ def _root(ctx: typer.Context) -> None:
     # The flow commands and the demo choose by their task runner (flows.env.configure).
     if ctx.invoked_subcommand not in ("flow", "demo"):
         set_wait_policy(parallel=False)
-
-
-def progress_bar():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-
-
-def print_table(title: str, columns: list[str], rows: list[list]) -> None:
-    """A table on the terminal: the first column as text, the others numbers to 3 decimals
-    (None shows as "-")."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column(columns[0], no_wrap=True)
-    for c in columns[1:]:
-        table.add_column(c, justify="right", no_wrap=True)
-    for first, *values in rows:
-        table.add_row(str(first), *("-" if v is None else f"{v:.3f}" for v in values))
-    Console().print(table)
 
 
 @app.command()
@@ -216,15 +199,6 @@ def main() -> None:
     except (ValueError, OSError) as e:
         typer.echo(f"twopass: error: {error_line(e)}", err=True)
         sys.exit(2)
-
-
-def error_line(e: BaseException) -> str:
-    """One line for a user error: an OS error (disk full, read-only, permission, a folder
-    where a file was expected) names its path and the reason, without a traceback."""
-    if isinstance(e, OSError) and e.strerror:
-        where = e.filename if e.filename is not None else "writing"
-        return f"{where}: {e.strerror}" + (f" (errno {e.errno})" if e.errno else "")
-    return str(e) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 `twopass segment`, the run-folder stage (`segmenter.stage`) and the benchmarks call
 `segment_images`; training and loading go through `detector.api` with the `SEGMENTER` kind.
+`KINDS` is the one map of the model kinds by name (the pass-two package is the top of the
+model stack, so it is the one that knows both).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from twopass.detector.api import LoadedModel, ModelKind, check_categories
+from twopass.detector.api import DETECTOR, LoadedModel, ModelKind, check_categories, load_for_inference
+from twopass.detector.checkpoint import read_meta
 from twopass.detector.infer import View
 from twopass.pipeline.categories import CategoryMap
 from twopass.pipeline.coco import ImageSet
@@ -25,6 +28,22 @@ from .infer import SegmentReport, segment
 from .model import KIND, build_segmenter
 
 SEGMENTER = ModelKind(KIND, load_segmenter_config, segmenter_config_from_dict, build_segmenter)
+
+# The model kinds by the name the pipeline config and checkpoints use.
+KINDS: dict[str, ModelKind] = {DETECTOR.name: DETECTOR, SEGMENTER.name: SEGMENTER}
+
+
+def kind_of(name: str) -> ModelKind:
+    """The ModelKind called `name` (a checkpoint's `kind`, a config's model kind)."""
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ValueError(f"unknown model kind {name!r}; expected {' or '.join(KINDS)}") from None
+
+
+def load_any(checkpoint: str | Path, device: str = "cpu", fast: bool = True) -> LoadedModel:
+    """`load_for_inference` of a detector or a segmenter (a full Mask R-CNN), by the checkpoint's kind."""
+    return load_for_inference(kind_of(read_meta(checkpoint).kind), checkpoint, device, fast)
 
 
 def segment_images(

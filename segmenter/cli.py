@@ -41,7 +41,7 @@ def segment(
     """Masks for given boxes: the segmenter's backbone and mask head on each box, with mask TTA."""
     from twopass.detector.api import load_for_inference, views_of
     from twopass.detector.checkpoint import files_in_use
-    from twopass.pipeline.cli import progress_bar
+    from twopass.pipeline.console import progress_bar
     from twopass.pipeline.coco import ImageSet
     from twopass.pipeline.config import validate_mapping
     from twopass.pipeline.fileio import check_outputs

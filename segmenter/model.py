@@ -13,11 +13,10 @@ import torch
 from torch import Tensor, nn
 
 from twopass.detector.backbone import head_norm
-from twopass.detector.checkpoint import load_model
-from twopass.detector.tv_private import project_masks_on_boxes
 from twopass.detector.model import Detector, build_detector
+from twopass.detector.tv_private import project_masks_on_boxes
 
-from .config import SegmenterConfig, segmenter_config_from_dict
+from .config import SegmenterConfig
 from .heads import MaskBranch
 from .losses import mask_loss
 
@@ -81,8 +80,3 @@ def build_segmenter(config: SegmenterConfig, num_classes: int, backbone_weights:
         mask_branch=build_mask_branch(config, num_classes),
         mask_loss_fn=partial(roi_mask_loss, edge=m.edge_loss, edge_weight=m.edge_weight),
     )
-
-
-def load_segmenter(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, checkpoint meta) from a segmenter checkpoint (file or run folder)."""
-    return load_model(path, KIND, segmenter_config_from_dict, build_segmenter, device)

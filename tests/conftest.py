@@ -59,7 +59,7 @@ def save_random(path: Path, kind: str, model: dict[str, Any], categories, seed: 
     import torch
 
     from twopass.detector.checkpoint import save_checkpoint
-    from twopass.segmenter.two_pass import KINDS
+    from twopass.segmenter.api import KINDS
 
     cfg = KINDS[kind].config(model)
     torch.manual_seed(seed)

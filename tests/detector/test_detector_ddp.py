@@ -80,7 +80,7 @@ def test_two_process_ddp_training_on_cpu(synth_small, tmp_path):
     assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3]  # one process writes the log
     assert "bbox" in records[-1]["val"]
     # the checkpoint of a 2-process run loads in one process
-    from twopass.detector.checkpoint import load_detector
+    from twopass.detector.api import DETECTOR
 
-    model, _ = load_detector(run)
+    model, _ = DETECTOR.load(run)
     assert not any(type(m).__name__ == "NaiveSyncBatchNorm" for m in model.modules())

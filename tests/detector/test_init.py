@@ -14,7 +14,7 @@ import yaml
 
 from twopass.detector.checkpoint import CheckpointError, init_weights, read_meta, save_checkpoint
 from twopass.pipeline.categories import Categories
-from twopass.segmenter.two_pass import KINDS
+from twopass.segmenter.api import KINDS
 
 
 def save_random(path, kind: str, model: dict, categories: Categories, seed: int = 0) -> None:

@@ -23,7 +23,7 @@ def test_sigkill_mid_run_then_rerun_equals_uninterrupted(config, synth_small, ck
     from twopass.pipeline.config import write_pipeline_config
     from twopass.pipeline.tables import read_table
 
-    from twopass.segmenter.two_pass import two_pass_plain
+    from twopass.flows.plain import two_pass_plain
 
     cfg = config(synth_small, ckpts, shard_size=1)  # 8 shards: 16 detections, 8 fusions, 8 segmentations
     cfg_path = write_pipeline_config(tmp_path / "pipeline.yaml", cfg)

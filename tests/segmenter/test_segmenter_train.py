@@ -16,7 +16,8 @@ from twopass.pipeline.synth import generate
 from twopass.pipeline.tables import from_coco_results
 from twopass.segmenter.config import SegmenterConfig, load_segmenter_config
 from twopass.segmenter.infer import segment
-from twopass.segmenter.model import build_segmenter, load_segmenter
+from twopass.segmenter.api import SEGMENTER
+from twopass.segmenter.model import build_segmenter
 from twopass.detector.train import TrainOptions, train
 
 SWITCHES = [
@@ -56,7 +57,7 @@ def test_every_mask_switch_trains_a_step(mask, synth_small, tmp_path):
     result = train(model, ds, opts, cfg.train, kind="segmenter", config=cfg.to_dict(), categories=ds.categories)
     assert ("loss_mask_edge" in result.losses) == (mask.get("edge_loss") == "sobel")
     assert all(torch.isfinite(torch.tensor(v)) for v in result.losses.values())
-    again, meta = load_segmenter(tmp_path)
+    again, meta = SEGMENTER.load(tmp_path)
     assert meta.kind == "segmenter" and again.config == cfg
 
 

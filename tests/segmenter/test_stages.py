@@ -13,8 +13,8 @@ from twopass.detector.api import DETECTOR
 from twopass.ensemble import stage as ensemble_stage
 from twopass.pipeline import runfolder
 from twopass.segmenter import stage as segmenter_stage
-from twopass.segmenter import two_pass
-from twopass.segmenter.two_pass import KINDS
+from twopass.flows import steps
+from twopass.segmenter.api import KINDS
 
 
 def _detect_all(run, cfg, ckpts):
@@ -175,11 +175,11 @@ def test_merge_evaluate_and_report(config, synth_small, ckpts, tmp_path):
     fused_all = runfolder.merge(run, "fused", "fused", fused)
     inst = [segmenter_stage.segment_shard(run, cfg.segmenter, str(ckpts["seg"]), p, cfg.data, ids) for p, ids in zip(fused, runfolder.shards(cfg.data))]
     inst_all = runfolder.merge(run, "instances", "seg", inst)
-    metrics_path = two_pass.evaluate_stage(run, cfg.data, cfg.fusion, merged, fused_all, inst_all)
+    metrics_path = steps.evaluate_stage(run, cfg.data, cfg.fusion, merged, fused_all, inst_all)
     rows = runfolder.ap_table(json.loads(Path(metrics_path).read_text()))
     assert [r["stage"] for r in rows] == ["detector a", "detector b", "detector b + TTA", "fused", "final masks"]
     assert rows[-1]["mask AP"] is not None and rows[0]["mask AP"] is None
-    assert two_pass.evaluate_stage(run, cfg.data, cfg.fusion, merged, fused_all, inst_all) == metrics_path
+    assert steps.evaluate_stage(run, cfg.data, cfg.fusion, merged, fused_all, inst_all) == metrics_path
     pictures = report.render_pictures(run, cfg, fused_all, inst_all)
     assert [p.name for p in pictures] == ["1.png", "2.png"]
     md = report.build_report(run, cfg, metrics_path, {"instances": inst_all}, pictures, {"detect": 6})
@@ -193,7 +193,7 @@ def test_merge_evaluate_and_report(config, synth_small, ckpts, tmp_path):
 def test_segmenter_own_boxes_join_the_fusion(config, counts, synth_small, ckpts, tmp_path):
     """`segmenter.own_boxes`: the segmenter runs as a third member of pass one, its boxes are
     fused with the detectors' at their weight, and its own masks are scored beside them."""
-    from twopass.segmenter.two_pass import two_pass_plain
+    from twopass.flows.plain import two_pass_plain
     from twopass.pipeline.tables import read_table
 
     cfg = config(synth_small, ckpts, segmenter={"own_boxes": {"weight": 2.0, "tta": {"scales": [64]}}})
