@@ -158,7 +158,7 @@ def claim_run_folder(out: str | Path, resume: bool, overwrite: bool, inputs: Map
 def failed_before_checkpoint(out: str | Path) -> str | None:
     """How the run in folder `out` failed, in words, when it saved no checkpoint (no last.json;
     checkpoints/ holds at most the engine's partial files) and its metrics.jsonl is empty or
-    ends with the engine's error record (`train.train`), or is absent (an import that failed);
+    ends with the engine's error record (`hooks.MetricsLog`), or is absent (an import that failed);
     else None (no run, a run with a checkpoint, or one that may still be running or was
     killed without a record)."""
     out = Path(out)

@@ -176,6 +176,16 @@ class _Dataset:
         }
 
 
+def _named_dataset(root: Path, found: list[tuple[_Image, list[tuple[str, _Instance]]]]) -> _Dataset:
+    """A dataset of sources that label instances by name (LabelMe, VOC): categories sorted by name."""
+    names = sorted({name for _, insts in found for name, _ in insts})
+    for im, insts in found:
+        for name, inst in insts:
+            inst.cat = names.index(name)
+            im.instances.append(inst)
+    return _Dataset(root, names, [im for im, _ in found])
+
+
 def _r(v: float) -> float:
     # a thousandth of a pixel: the float noise of fractions times sizes goes, the geometry stays
     return round(float(v), 3)
@@ -541,12 +551,7 @@ def _read_labelme(folder: Path) -> _Dataset:
             groups[key] = (label, _merge(groups[key][1], inst, h, w)) if key in groups else (label, inst)
         found.append((im, list(groups.values())))
     errors.raise_any()
-    names = sorted({label for _, insts in found for label, _ in insts})
-    for im, insts in found:
-        for label, inst in insts:
-            inst.cat = names.index(label)
-            im.instances.append(inst)
-    return _Dataset(folder, names, [im for im, _ in found])
+    return _named_dataset(folder, found)
 
 
 def _labelme_shape(shape: dict, h: int, w: int) -> tuple[_Instance | None, str]:
@@ -707,12 +712,7 @@ def _read_voc(root: Path, split: str | None) -> _Dataset:
             _voc_masks(seg, root / "SegmentationClass" / f"{xml.stem}.png", insts, h, w, errors, class_values)
         found.append((im, insts))
     errors.raise_any()
-    names = sorted({name for _, insts in found for name, _ in insts})
-    for im, insts in found:
-        for name, inst in insts:
-            inst.cat = names.index(name)
-            im.instances.append(inst)
-    return _Dataset(img_dir, names, [im for im, _ in found])
+    return _named_dataset(img_dir, found)
 
 
 def _read_png(path: Path) -> np.ndarray:

@@ -26,7 +26,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from twopass.detector.api import DETECTOR, LoadedModel, ModelKind, detect_images, load_for_inference, views_of
+from twopass.detector.api import LoadedModel, ModelKind, detect_images, load_for_inference, views_of
 from twopass.detector.checkpoint import read_meta, resolve
 from twopass.detector.infer import View
 from twopass.detector.stage import resolve_model
@@ -48,7 +48,7 @@ from twopass.pipeline.settings import DetectSettings, FuseSettings, SegmentSetti
 from twopass.pipeline.tables import boxes_of, images_table, rles_of, to_coco_results
 from twopass.pipeline.visualize import draw_instances, keep_one_box_per_object
 
-from .api import SEGMENTER, segment_images
+from .api import SEGMENTER, kind_of, segment_images
 
 ImageInput = Any  # str | Path | PIL.Image.Image | np.ndarray
 Channels = Literal["rgb", "bgr"]
@@ -308,14 +308,6 @@ class Member:
     views: list[View]
     settings: DetectSettings
     weight: float = 1.0
-
-
-def kind_of(name: str) -> ModelKind:
-    """The model kind a checkpoint or the pipeline config names (detector or segmenter)."""
-    kinds = {k.name: k for k in (DETECTOR, SEGMENTER)}
-    if name not in kinds:
-        raise ValueError(f"unknown model kind {name!r}; expected detector or segmenter")
-    return kinds[name]
 
 
 def _load(kind: ModelKind | None, run: str | Path, device: str, fast: bool, what: str) -> LoadedModel:

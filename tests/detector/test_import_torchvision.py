@@ -40,13 +40,17 @@ SCORE = 0.001  # this project's detection threshold (COCO practice), set on torc
 IMAGES = {"a.png": (SIZE, 400), "b.png": (SIZE, 448)}
 
 
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    g = torch.Generator().manual_seed(3)
-    for name, (h, w) in IMAGES.items():
+def random_images(root, sizes: dict[str, tuple[int, int]], seed: int) -> ImageSet:
+    """Noise images of the given (h, w) sizes, saved under `root`."""
+    g = torch.Generator().manual_seed(seed)
+    for name, (h, w) in sizes.items():
         Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / name)
     return ImageSet.from_folder(root)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return random_images(tmp_path_factory.mktemp("images"), IMAGES, seed=3)
 
 
 def torchvision_outputs(tv, image_set: ImageSet, ids: list[int] | None = None) -> dict[int, dict[str, torch.Tensor]]:
@@ -163,11 +167,7 @@ RESIZED = {"up.png": (240, 300), "down.png": (400, 520)}
 
 @pytest.fixture(scope="module")
 def resized_images(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resized")
-    g = torch.Generator().manual_seed(4)
-    for name, (h, w) in RESIZED.items():
-        Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / name)
-    return ImageSet.from_folder(root)
+    return random_images(tmp_path_factory.mktemp("resized"), RESIZED, seed=4)
 
 
 def test_import_gives_torchvisions_outputs_on_images_it_resizes(resized_images, tmp_path):
