@@ -60,6 +60,7 @@ def _run(cfg, dataset, out, iters=6, **kw):
     return train(model, dataset, opts, cfg.train, kind="detector", config=cfg.to_dict(), categories=dataset.categories)
 
 
+@pytest.mark.slow  # 100 s of the default suite; `make test-slow` and the demo check that models learn
 def test_overfits_eight_images(synth_small):
     """A small LSD detector learns 8 synthetic 128 px images: loss falls by far more than half
     and AP50 on those images reaches 0.9."""
