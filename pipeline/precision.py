@@ -10,7 +10,7 @@ has no bfloat16 CPU kernel in torchvision, pools float32 maps (`detector.heads.L
   `bf16` where the GPU has it (Ampere and later), no scaler needed.
 - CPU: `bf16` only; it pays where the CPU computes bfloat16 natively (AVX512-BF16 or AMX). On
   a CPU without either, oneDNN emulates it: it works, slower than fp32 (measured 1.5x slower
-  for a ResNet-18 training step on an AVX-512 Xeon without BF16; docs/results.md), and a
+  for a ResNet-18 training step on an AVX-512 Xeon without BF16, 2026-12-06; docs/results.md), and a
   warning says so. `fp16` on a CPU is refused.
 """
 
