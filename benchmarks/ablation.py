@@ -1,12 +1,12 @@
 """The slides' ablation, rerun on synthetic data: every row trained with the same schedule,
 evaluated with COCO metrics, averaged over seeds. Resumable row by row.
 
-    python benchmarks/ablation.py --budget smoke|small|full [--seeds N] [--out DIR]
-                                  [--rows PATTERN] [--device cpu|cuda] [--threads 2]
-                                  [--difficulty easy|standard|hard]
+    python benchmarks/ablation.py --budget smoke|small|medium|long|easy|full [--seeds N] [--out DIR]
+                                  [--rows PATTERN|key] [--device cpu|cuda] [--threads 2]
+                                  [--difficulty easy|standard|hard] [--only-seed K] [--curve ITERS]
 
-Data: the synthetic `standard` set (pipeline.synth); the tables measured before the levels
-existed used today's `hard` (`--difficulty hard` reproduces them).
+Data: the synthetic `standard` set (pipeline.synth; budget `easy`: the `easy` set); the tables
+measured before the levels existed used today's `hard` (`--difficulty hard` reproduces them).
 
 Budgets (data sizes and schedule; every row gets the same):
   smoke  a few iterations on a few images: checks the machinery in minutes, numbers mean nothing
@@ -15,6 +15,11 @@ Budgets (data sizes and schedule; every row gets the same):
          python benchmarks/ablation.py --budget small --only-seed 1 --threads 1   (see BUDGETS)
   medium small's data at 3x the iterations (1500)
   long   small's data at 10x the iterations: about 11 hours on 2 CPU cores (not yet run)
+  easy   `easy` data (1000 train / 100 val), the schedule chosen from the baseline's learning curve
+         so that its own masks reach mask AP 0.30; meant for `--rows key`, one process a seed:
+         python benchmarks/ablation.py --budget easy --curve 4000 --only-seed 0      (the curve first)
+         python benchmarks/ablation.py --budget easy --rows key --only-seed 0 --threads 1 &
+         python benchmarks/ablation.py --budget easy --rows key --only-seed 1 --threads 1
   full   meant for a GPU (`--device cuda`): more data, a longer schedule, three seeds
 
 Models. All configs are built in code from ONE base preset, `configs/r18_lsd_cpu.yaml`
@@ -44,6 +49,9 @@ Rows (reference row in brackets; deltas are paired per seed, then averaged):
   detection  single detector (LSD); + Soft-NMS (replacing NMS, `rescore=True`); + TTA
              (views merged by Soft-NMS); + ensemble of the 3 detectors with TTA, WBF and Soft-NMS.
 
+`--rows key` (KEY_ROWS): the header rows on ResNet-18 with their ground-truth-box and baseline-box
+twins, every two_pass and detection row (the ensemble fused by WBF, Soft-NMS and NMS); 9 models a seed.
+
 Every evaluation keeps score > 0.001 and the top 100 per image (COCO practice, docs/method.md §15).
 
 Resuming. Everything lives under DIR, named by a content key (model config, schedule, data,
@@ -53,8 +61,9 @@ DIR/rows/<row>/seed<k>.json one finished evaluation, written atomically. A rerun
 finished row and reuses every finished model; a changed preset or budget gets new keys and is
 computed afresh. DIR/results.md and DIR/results.json are rewritten after every row.
 
-Last line: full_header_mask_ap_gain=<AP points> full_header_box_ap_gain=<> full_header_gt_boxes_mask_ap_gain=<>
-full_header_baseline_boxes_mask_ap_gain=<> full_header_m64a10_mask_ap_gain=<> full_header_m64a10_box_ap_gain=<> two_pass_mask_ap_gain=<> improve_on_dets_mask_ap_gain=<> det_ensemble_box_ap_gain=<> rows=<n> seeds=<n>
+Last line: baseline_mask_ap=<0-1> full_header_mask_ap_gain=<AP points> full_header_box_ap_gain=<> full_header_gt_boxes_mask_ap_gain=<>
+full_header_baseline_boxes_mask_ap_gain=<> full_header_m64a10_mask_ap_gain=<> full_header_m64a10_box_ap_gain=<> two_pass_mask_ap_gain=<> improve_on_dets_mask_ap_gain=<> det_ensemble_box_ap_gain=<> wbf_vs_softnms_box_ap_gain=<> wbf_vs_nms_box_ap_gain=<> rows=<n> seeds=<n>
+(`--curve`: curve_iters=<> final_mask_ap=<> best_mask_ap=<> first_iter_at_0.30=<>)
 """
 
 from __future__ import annotations
@@ -66,7 +75,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import copy  # noqa: E402
 import fnmatch  # noqa: E402
 import json  # noqa: E402
@@ -116,6 +124,8 @@ class Budget:
     device: str = "cpu"
 
 
+EASY_ITERS = 3000  # placeholder until the learning curve is measured
+
 BUDGETS = {
     # Same batch and input sizes as `small`, so its seconds an iteration project `small`'s time.
     "smoke": Budget("smoke", train_images=16, val_images=8, iters=6, batch=4, warmup_iters=2, checkpoint_every=3),
@@ -132,6 +142,11 @@ BUDGETS = {
     # of their learning curves on a CPU: about 11 hours for both seeds side by side (small took
     # 65 minutes, nearly all of it training). Resumable; not yet run.
     "long": Budget("long", train_images=600, val_images=50, iters=5000, batch=4, warmup_iters=100, checkpoint_every=250, seeds=2),
+    # `easy` data (pipeline.synth), where the demo's models reach box AP 0.3-0.4 in CPU-minutes, at
+    # a schedule chosen from the baseline's learning curve (`--curve`, docs/results.md) so that its
+    # own masks reach mask AP 0.30 and effects of 1-2 points resolve. Run it with `--rows key`.
+    "easy": Budget("easy", train_images=1000, val_images=100, iters=EASY_ITERS, batch=4, warmup_iters=100,
+                   checkpoint_every=250, seeds=2, difficulty="easy"),
     # For a GPU (not measured here: no GPU was available when this was written).
     "full": Budget("full", train_images=4000, val_images=500, iters=9000, batch=8, warmup_iters=500,
                    checkpoint_every=1000, seeds=3, device="cuda"),
@@ -287,6 +302,8 @@ ROWS: tuple[Row, ...] = (
         {"detectors": DETECTORS_3, "views": "tta", "method": "wbf"}, slides="+2.0, +1.8 with Cascade"),
     Row("det_ens_softnms", "detection", "+ ensemble of 3 (with Cascade), Soft-NMS", "det_tta", DETECTORS_3, "detect",
         {"detectors": DETECTORS_3, "views": "tta", "method": "soft-nms"}, slides="+2.0, +1.8 with Cascade"),
+    Row("det_ens_nms", "detection", "+ ensemble of 3 (with Cascade), NMS", "det_tta", DETECTORS_3, "detect",
+        {"detectors": DETECTORS_3, "views": "tta", "method": "nms"}, slides="-"),
 )  # fmt: skip
 
 
@@ -304,11 +321,19 @@ ROWS = ROWS[:_AFTER_GT] + tuple(_on_baseline_boxes(r) for r in _GT) + ROWS[_AFTE
 ROW_BY_NAME = {r.name: r for r in ROWS}
 
 
+# The slides' key rows (`--rows key`): the header's steps on ResNet-18 (own boxes, ground-truth boxes,
+# the baseline's boxes), two-pass with its TTAs, and the ensemble's three fusions. Leaves out the
+# Light-Head-width and ShuffleNetV2 segmenters (4 of the 13 models).
+KEY_HEADER = ("baseline", "lsd", "lsd_ms", "heavier", "edge", "lsh")
+KEY_ROWS = (*KEY_HEADER, *(f"gt_{r}" for r in KEY_HEADER), *(f"bb_{r}" for r in KEY_HEADER), "tp_*", "det_*")
+
+
 def select_rows(pattern: str | None) -> list[Row]:
-    """Rows whose name matches any of the comma-separated glob patterns (all rows for None)."""
+    """Rows whose name matches any of the comma-separated glob patterns (all rows for None;
+    `key` stands for KEY_ROWS)."""
     if not pattern:
         return list(ROWS)
-    pats = [p.strip() for p in pattern.split(",") if p.strip()]
+    pats = [q for p in pattern.split(",") if p.strip() for q in (KEY_ROWS if p.strip() == "key" else [p.strip()])]
     rows = [r for r in ROWS if any(fnmatch.fnmatchcase(r.name, p) for p in pats)]
     if not rows:
         raise SystemExit(f"--rows {pattern!r}: matches no row; rows are {', '.join(r.name for r in ROWS)}")
@@ -353,18 +378,6 @@ def prune_checkpoints(run: Path) -> None:
     for p in last.parent.glob("iter_*"):
         if not p.name.startswith(last.stem + "."):
             p.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def nms_off(model):
-    """The model's per-class NMS switched off (IoU threshold 1.0), for Soft-NMS to replace it."""
-    rh = model.roi_heads
-    saved = rh.nms_thresh
-    rh.nms_thresh = 1.0
-    try:
-        yield
-    finally:
-        rh.nms_thresh = saved
 
 
 # --------------------------------------------------------------------------- the run
@@ -505,8 +518,9 @@ class Ablation:
             loaded = self.model(name, seed)
             v = self.views(loaded, "det_tta" if views == "tta" else "single")
             settings = DetectSettings(score_thresh=SCORE_THRESH, max_per_image=RAW_PER_VIEW if raw else MAX_PER_IMAGE)
-            with nms_off(loaded.model) if raw else contextlib.nullcontext():
-                self._dets[key] = detect_images(loaded, self.val_images, v, settings, name=name, device=self.device)[0]
+            # raw: per-class NMS off (IoU 1.0), for the Soft-NMS rows to replace it
+            self._dets[key] = detect_images(loaded, self.val_images, v, settings, name=name, device=self.device,
+                                            nms_thresh=1.0 if raw else None)[0]  # fmt: skip
         return self._dets[key]
 
     def evaluate_row(self, row: Row, seed: int):
@@ -626,11 +640,47 @@ class Ablation:
             table, _ = read_table(self.row_path(ROW_BY_NAME[r], seed).with_suffix(".parquet"), "instances")
             boxes = "ground-truth boxes" if ROW_BY_NAME[r].run == "gt_boxes" else f"own boxes, best {top}"
             panels.append((f"{label} ({boxes})", best_per_image(table, top)))
-        picture = render_image(self.val_images, image_id, self.val_index.categories, panels, score_thresh=0.0)
+        picture = render_image(self.val_images, image_id, self.val_index.categories, panels, display_score_thresh=0.0)
         out = self.out / name
         with atomic_path(out) as tmp:
             picture.save(tmp, format="PNG")
         return out
+
+    # ----------------------------------------------------------------- learning curve
+
+    def curve(self, name: str, iters: int, every: int, seed: int = 0) -> list[dict]:
+        """Learning curve of model `name` on the budget's data: `iters` iterations at the budget's
+        batch and warm-up, then a constant LR (no step down, so any point is where a schedule of
+        that length would start its last step), and its own box and mask AP on the val set every
+        `every` iterations (the engine's validation: COCO practice, scores down to 0.001).
+        Resumable; DIR/curves/<name>-seed<k>-<iters>/curve.json."""
+        from twopass.detector.api import train_model
+        from twopass.detector.train import TrainOptions
+        from twopass.pipeline.fileio import write_json
+        from twopass.segmenter.api import KINDS
+
+        self.prepare_data()
+        kind, cfg = self.config(name)
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": []})})
+        run = self.out / "curves" / f"{name}-seed{seed}-{iters}"
+        if not (run / "curve.json").is_file():
+            self.log(f"curve of {name} (seed {seed}): {iters} iterations, val every {every} -> {run}")
+            options = TrainOptions(out=run, iters=iters, batch=self.budget.batch, device=self.device, resume=True,
+                                   checkpoint_every=every, val_every=every, seed=seed, progress=sys.stdout.isatty())  # fmt: skip
+            train_model(KINDS[kind], cfg, self.train_dir / "annotations.json", self.train_dir / "images", options,
+                        val_ann=self.val_dir / "annotations.json", val_images=self.val_dir / "images")  # fmt: skip
+        points, train_s = [], 0.0
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if "loss" in r:
+                train_s += float(r.get("time", 0.0)) + float(r.get("data_time", 0.0))
+            elif "val" in r:
+                points.append({"iter": r["iter"], "train_seconds": round(train_s, 1),
+                               "mask_ap": r["val"]["segm"]["AP"], "box_ap": r["val"]["bbox"]["AP"]})  # fmt: skip
+        write_json(run / "curve.json", {"model": name, "seed": seed, "budget": asdict(self.budget), "points": points}, indent=1)
+        for p in points:
+            self.log(f"  iter {p['iter']:5d}  {fmt_s(p['train_seconds']):>7}  mask AP {p['mask_ap']:.3f}  box AP {p['box_ap']:.3f}")
+        return points
 
     # ----------------------------------------------------------------- ETA
 
@@ -752,7 +802,9 @@ class Ablation:
             vals = [ra[t]["per_seed"][s] - rb[t]["per_seed"][s] for s in common]
             return statistics.mean(vals) if vals else float("nan")
 
+        baseline = by.get("baseline", {}).get("segm")
         headline = {
+            "baseline_mask_ap": baseline["mean"] / 100 if baseline and baseline["n"] else float("nan"),
             "full_header_mask_ap_gain": delta("lsh", "segm"),
             "full_header_box_ap_gain": delta("lsh", "bbox"),
             "full_header_gt_boxes_mask_ap_gain": delta("gt_lsh", "segm"),
@@ -762,6 +814,8 @@ class Ablation:
             "two_pass_mask_ap_gain": diff("tp_mask_tta", "tp_alone", "segm"),
             "improve_on_dets_mask_ap_gain": delta("tp_fused3", "segm"),
             "det_ensemble_box_ap_gain": diff("det_ens_wbf", "det_single", "bbox"),
+            "wbf_vs_softnms_box_ap_gain": diff("det_ens_wbf", "det_ens_softnms", "bbox"),
+            "wbf_vs_nms_box_ap_gain": diff("det_ens_wbf", "det_ens_nms", "bbox"),
         }
         b = self.budget
         summary = {
@@ -775,6 +829,11 @@ class Ablation:
         with atomic_path(self.out / "results.md") as tmp:
             tmp.write_text(render_markdown(summary))
         return summary
+
+
+def headline_line(h: dict[str, float]) -> str:
+    """`name=value` pairs: gains in AP points, `baseline_mask_ap` as COCO gives it (0-1)."""
+    return " ".join(f"{k}={v:.3f}" if k == "baseline_mask_ap" else f"{k}={v:.2f}" for k, v in h.items())
 
 
 def _spread(vals: list[float]) -> dict:
@@ -835,7 +894,7 @@ def render_markdown(summary: dict) -> str:
         "mean over seeds. `eval s`: inference + fusion + COCO evaluation of the row (detections shared within a "
         "seed are computed by the first row that needs them).",
         "",
-        "Headline: " + " ".join(f"{k}={v:.2f}" for k, v in summary["headline"].items()),
+        "Headline: " + headline_line(summary["headline"]),
         "",
     ]
     return "\n".join(lines)
@@ -858,6 +917,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="compute only this seed (0..N-1): run one process a seed side by side, e.g. two with "
                          "--threads 1 on 2 cores, about 1.3x the throughput of one with --threads 2 (measured)")
     ap.add_argument("--list", action="store_true", help="list the rows and models, then exit")
+    ap.add_argument("--curve", type=int, default=None, metavar="ITERS",
+                    help="instead of the rows: the baseline segmenter's learning curve over ITERS iterations (constant LR "
+                         "after warm-up), val box and mask AP every --curve-every; to choose a budget's iterations")
+    ap.add_argument("--curve-every", type=int, default=250)
     args = ap.parse_args(argv)
 
     budget = BUDGETS[args.budget]
@@ -880,10 +943,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.only_seed is not None and not 0 <= args.only_seed < seeds:
         raise SystemExit(f"--only-seed {args.only_seed}: not among the seeds 0..{seeds - 1}")
     abl = Ablation(out, budget, seeds, select_rows(args.rows), device=device, only_seed=args.only_seed)
+    if args.curve is not None:
+        points = abl.curve(BASELINE_SEGMENTER, args.curve, args.curve_every, seed=args.only_seed or 0)
+        best = max(points, key=lambda p: p["mask_ap"])
+        first = next((p for p in points if p["mask_ap"] >= 0.30), None)
+        print(f"curve_iters={args.curve} final_mask_ap={points[-1]['mask_ap']:.3f} best_mask_ap={best['mask_ap']:.3f} "
+              f"first_iter_at_0.30={first['iter'] if first else 'none'}")
+        return
     summary = abl.run()
     print(f"results: {out / 'results.md'}, {out / 'results.json'}")
     h = summary["headline"]
-    print(" ".join(f"{k}={v:.2f}" for k, v in h.items()) + f" rows={len(summary['rows'])} seeds={seeds}")
+    print(headline_line(h) + f" rows={len(summary['rows'])} seeds={seeds}")
 
 
 if __name__ == "__main__":

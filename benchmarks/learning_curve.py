@@ -62,6 +62,12 @@ def probe_speed(build, dataset, tcfg, batch: int, iters: int = 4) -> float:
     return statistics.median(times[1:])
 
 
+def scored(cfg):
+    """`cfg` with COCO practice's eval thresholds as the model's own (they do not touch training)."""
+    box_head = cfg.box_head.model_copy(update={"score_thresh": EVAL_SCORE_THRESH, "detections_per_img": EVAL_MAX_PER_IMAGE})
+    return cfg.model_copy(update={"box_head": box_head})
+
+
 def draw_curves(curves: dict[str, list[dict]], path: Path, budget: float) -> None:
     """Mask AP against training seconds, one polyline per model (PIL: no plotting dependency)."""
     from PIL import Image, ImageDraw
@@ -113,13 +119,13 @@ def main() -> None:
         data[split] = folder
     dataset = CocoDataset(data["train"] / "annotations.json", data["train"] / "images", with_masks=True)
     cats = dataset.categories
-    ours_cfg = load_segmenter_config(args.ours)
-    base_cfg = load_segmenter_config(args.baseline)
+    ours_cfg, base_cfg = (scored(load_segmenter_config(c)) for c in (args.ours, args.baseline))
     tcfg = ours_cfg.train  # one recipe for every side
-    sides = {  # key: (label, build)
+    sides = {  # key: (label, build); every model built with COCO practice's eval thresholds
         "ours": (f"ours, full header ({ours_cfg.name})", lambda: build_segmenter(ours_cfg, cats.num_classes)),
         "baseline": (f"ours, baseline ({base_cfg.name})", lambda: build_segmenter(base_cfg, cats.num_classes)),
-        "torchvision": ("torchvision Mask R-CNN r18-FPN", lambda: torchvision_reference(cats.num_classes)),
+        "torchvision": ("torchvision Mask R-CNN r18-FPN", lambda: torchvision_reference(
+            cats.num_classes, box_score_thresh=EVAL_SCORE_THRESH, box_detections_per_img=EVAL_MAX_PER_IMAGE)),
     }
     print(f"data: {len(dataset)} train / {args.val_images} val standard images of {args.size} px; batch {args.batch}; "
           f"threads {torch.get_num_threads()}; {args.budget_s:.0f} s of training each")
@@ -146,8 +152,6 @@ def main() -> None:
             seconds[rec["iter"]] = elapsed
         print(f"{label}: {result.iteration} iterations, {result.seconds_per_iter:.3f} s/iter (median), "
               f"checkpoint every {period}; {time.perf_counter() - t0:.0f} s wall", flush=True)
-        rh = model.roi_heads
-        rh.score_thresh, rh.detections_per_img = EVAL_SCORE_THRESH, EVAL_MAX_PER_IMAGE
         points = []
         for meta_path in sorted((run / "checkpoints").glob("iter_*[0-9].json")):
             meta = read_meta(meta_path)

@@ -48,12 +48,14 @@ from twopass.pipeline.synth import generate  # noqa: E402
 from twopass.pipeline.tables import detections_table, instances_table  # noqa: E402
 
 
-def torchvision_reference(num_classes: int) -> torch.nn.Module:
+def torchvision_reference(num_classes: int, **thresholds) -> torch.nn.Module:
+    """torchvision's Mask R-CNN on ResNet-18 FPN at 128 px; `thresholds`: MaskRCNN's own
+    keywords (box_score_thresh, box_detections_per_img, ...)."""
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.models.detection.mask_rcnn import MaskRCNN
 
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, norm_layer=torch.nn.BatchNorm2d, trainable_layers=5)
-    return MaskRCNN(backbone, num_classes=num_classes + 1, min_size=128, max_size=128)
+    return MaskRCNN(backbone, num_classes=num_classes + 1, min_size=128, max_size=128, **thresholds)
 
 
 def stepper(model, dataset, tcfg, batch: int = 4, seed: int = 123) -> Trainer:

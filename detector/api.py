@@ -272,16 +272,19 @@ def detect_images(
     out: str | Path | None = None,
     extra: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
+    nms_thresh: float | None = None,
 ) -> tuple[pa.Table, TableMeta]:
     """Pass one of one model: its detections on `image_set` (or `image_ids` of it) through every
     view, boxes XYXY in original pixels, COCO category ids. A segmenter run end to end
-    (`with_masks`) gives instances. Written to `out` when given; returns (table, meta)."""
+    (`with_masks`) gives instances. Written to `out` when given; returns (table, meta).
+    `nms_thresh`: the per-class NMS IoU (None: the model's own; 1.0 keeps every box, for a
+    Soft-NMS downstream)."""
     check_categories(loaded, image_set)
     check_precision(settings.precision, device)
     name = name or loaded.name
     table = detect(
         loaded.model, image_set, loaded.meta.categories, model_name=name, views=views, batch=settings.batch,
-        device=device, score_thresh=settings.score_thresh, max_per_image=settings.max_per_image,
+        device=device, score_thresh=settings.score_thresh, nms_thresh=nms_thresh, max_per_image=settings.max_per_image,
         image_ids=None if image_ids is None else list(image_ids), with_masks=with_masks, mask_thresh=settings.mask_thresh,
         progress=progress, precision=settings.precision, torchvision_resize=loaded.torchvision_resize,
     )  # fmt: skip

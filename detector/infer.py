@@ -114,6 +114,7 @@ def predict(
     max_size: int,
     *,
     score_thresh: float | None = None,
+    nms_thresh: float | None = None,
     max_per_image: int | None = None,
     torchvision_resize: bool = False,
 ) -> list[dict[str, Tensor]]:
@@ -123,7 +124,7 @@ def predict(
 
     torchvision_resize: the model resizes after normalising (torchvision's order; the flip
     comes first, exact in either order), else the view is resized here, before normalising."""
-    kept = dict(score_thresh=score_thresh, detections_per_img=max_per_image, paste_masks=False)
+    kept = dict(score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=max_per_image, paste_masks=False)
     if torchvision_resize:
         outputs = model.predict([im.flip(-1) if view.flip else im for im in images], size=view.scale, **kept)
         for im, o in zip(images, outputs):
@@ -156,6 +157,7 @@ def detect(
     batch: int = 2,
     device: str | torch.device = "cpu",
     score_thresh: float | None = None,
+    nms_thresh: float | None = None,
     max_per_image: int | None = None,
     with_masks: bool = False,
     mask_thresh: float = SEGMENT.mask_thresh,
@@ -167,30 +169,25 @@ def detect(
     """Detections (or instances, with_masks: masks thresholded at `mask_thresh`) of every
     image of `image_set` (a `pipeline.coco.ImageSet`) through every view. Labels map to COCO
     ids via `categories`. `precision`: autocast of the forward passes (boxes, scores and masks
-    come out float32). `torchvision_resize`: see `predict` (imported torchvision models)."""
+    come out float32). Thresholds (score, per-class NMS IoU, detections an image): None keeps
+    the model's own; `nms_thresh=1.0` keeps every box for a Soft-NMS to replace the NMS.
+    `torchvision_resize`: see `predict` (imported torchvision models)."""
     if with_masks and not model.roi_heads.has_mask():
         raise ValueError(f"model {model_name!r} has no mask head; cannot write instances")
-    with eval_mode(model):
-        return _detect(model, image_set, categories, model_name, views, batch, device, score_thresh, max_per_image,
-                       with_masks, mask_thresh, image_ids, progress, precision, torchvision_resize)  # fmt: skip
-
-
-def _detect(model, image_set, categories, model_name, views, batch, device, score_thresh, max_per_image, with_masks,
-            mask_thresh, image_ids, progress, precision, torchvision_resize) -> pa.Table:  # fmt: skip
     config = model.config
     views = list(views) if views else [View(config.input.test_size)]
     max_size = config.input.max_size
     ids = list(image_set.image_ids if image_ids is None else image_ids)
     cols: dict[str, list] = {"image_id": [], "category_id": [], "score": [], "boxes": [], "source": []}
     rles: list[dict] = []
-    with torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         for start in range(0, len(ids), batch):
             chunk = ids[start : start + batch]
             images = [image_set.read(i).to(device).float().div_(255.0) for i in chunk]
             for view in views:
                 with autocast(device, precision):
-                    outputs = predict(model, images, view, max_size, score_thresh=score_thresh, max_per_image=max_per_image,
-                                      torchvision_resize=torchvision_resize)  # fmt: skip
+                    outputs = predict(model, images, view, max_size, score_thresh=score_thresh, nms_thresh=nms_thresh,
+                                      max_per_image=max_per_image, torchvision_resize=torchvision_resize)  # fmt: skip
                 for image_id, im, o in zip(chunk, images, outputs):
                     n = len(o["boxes"])
                     if n == 0:

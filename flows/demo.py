@@ -100,7 +100,7 @@ def demo_config(data_dir: str | Path, train_budget_s: float = 540.0, iters: int 
                 **prec,
             },
             # A few minutes of training from scratch give low scores: show each image's best boxes.
-            "evaluation": {"overlays": 4, "score_thresh": 0.0, "overlay_top": 8},
+            "evaluation": {"overlays": 4, "display_score_thresh": 0.0, "overlay_top": 8},
         }
     )
 

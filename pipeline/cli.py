@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .settings import DISPLAY_SCORE_THRESH
 from .console import error_line, print_table, progress_bar  # noqa: F401  (the commands' printing; also pipeline.cli.error_line)
 from .threads import set_wait_policy
 
@@ -102,7 +103,7 @@ def show(
     results: Annotated[Optional[list[Path]], typer.Option(help="Results file(s), one panel each.")] = None,
     ids: Annotated[Optional[str], typer.Option(help="Comma-separated image ids (default: the first ones).")] = None,
     max_images: Annotated[int, typer.Option(help="How many images when --ids is not given.")] = 8,
-    score_thresh: Annotated[float, typer.Option(help="Hide results scoring below this.")] = 0.3,
+    display_score_thresh: Annotated[float, typer.Option("--display-score-thresh", "--score-thresh", help="Hide results scoring below this.")] = DISPLAY_SCORE_THRESH,
 ) -> None:
     """Draw boxes, labels, scores and masks over images: ground truth beside each results file."""
     from .coco import CocoIndex, ImageSet
@@ -121,7 +122,7 @@ def show(
     if categories is None:
         raise ValueError("show: give --ann, or results files that record their categories")
     image_ids = [int(i) for i in ids.split(",")] if ids else None
-    written = run_show(image_set, categories, out, panels, gt, image_ids, max_images, score_thresh)
+    written = run_show(image_set, categories, out, panels, gt, image_ids, max_images, display_score_thresh)
     typer.echo(f"wrote {len(written)} images to {out}")
 
 

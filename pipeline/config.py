@@ -35,10 +35,10 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .devices import DEVICE_HELP, DEVICE_PATTERN
-from .settings import DetectSettings, FuseSettings, Precision, SegmentSettings
+from .settings import DISPLAY_SCORE_THRESH, DetectSettings, FuseSettings, Precision, SegmentSettings
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
@@ -131,7 +131,10 @@ class SegmenterSpec(_ModelSpec, SegmentSettings):
 class EvaluationConfig(_Strict):
     enabled: bool = Field(True, description="Evaluate when the data has annotations.")
     overlays: int = Field(4, ge=0, description="Images drawn in the report.")
-    score_thresh: float = Field(0.3, ge=0, le=1, description="Hide results below this score in the pictures.")
+    display_score_thresh: float = Field(
+        DISPLAY_SCORE_THRESH, ge=0, le=1, description="Hide results below this score in the pictures.",
+        validation_alias=AliasChoices("display_score_thresh", "score_thresh"),  # its name until 2026-12
+    )
     overlay_top: int = Field(20, ge=1, description="At most this many results an image in the pictures (the best scoring).")
 
 

@@ -80,7 +80,7 @@ def _render_overlays(run_dir: str | Path, config: PipelineConfig, fused: str | N
     written = []
     for image_id in sorted(image_set.image_ids)[:n]:
         gt_panel = [("ground truth", gt.anns_by_image.get(image_id, []))] if gt else []
-        picture = render_image(image_set, image_id, categories, gt_panel + panels, config.evaluation.score_thresh)
+        picture = render_image(image_set, image_id, categories, gt_panel + panels, config.evaluation.display_score_thresh)
         path = out_dir / f"{image_id}.png"
         with atomic_path(path) as tmp:
             picture.save(tmp, format="PNG")
@@ -161,7 +161,7 @@ def build_report(
     if pictures:
         e = config.evaluation
         lines += ["## Pictures", "", f"Ground truth, then the fused boxes and the final masks: the {e.overlay_top} best of each image "
-                  f"scoring at least {e.score_thresh}.", ""]  # fmt: skip
+                  f"scoring at least {e.display_score_thresh}.", ""]  # fmt: skip
         for p in pictures:
             src = _thumbnail(p) if inline_pictures else p.relative_to(run_dir).as_posix()
             lines += [f"![image {p.stem}]({src})", ""]

@@ -157,6 +157,10 @@ def help_of(settings: type[BaseModel], field: str) -> str:
     return settings.model_fields[field].description or ""
 
 
+# Pictures (the report's, `twopass show`, `Instances.plot`) hide results scoring below this:
+# a reader's threshold, not pass one's `score_thresh` (what is kept) nor a model's own.
+DISPLAY_SCORE_THRESH = 0.3
+
 DETECT = DetectSettings()
 FUSE = FuseSettings()
 SEGMENT = SegmentSettings()

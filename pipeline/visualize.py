@@ -14,6 +14,7 @@ from pycocotools import mask as mask_utils
 
 from .categories import Categories
 from .coco import CocoIndex, ImageSet, annotation_mask
+from .settings import DISPLAY_SCORE_THRESH
 from .tables import boxes_of, rles_of
 
 # Result boxes of different categories overlapping at least this much are taken for one object
@@ -108,7 +109,7 @@ def render_image(
     image_id: int,
     categories: Categories,
     panels: Sequence[tuple[str, pa.Table | list[dict]]],
-    score_thresh: float = 0.3,
+    display_score_thresh: float = DISPLAY_SCORE_THRESH,
     one_box_per_object: bool = True,
 ) -> Image.Image:
     """Side-by-side panels for one image. Each panel: (title, results table or GT annotation list).
@@ -126,7 +127,7 @@ def render_image(
             masks = [annotation_mask(a, h, w, title) for a in data if "segmentation" in a]
             pic = draw_instances(img, boxes, [a["category_id"] for a in data], categories, None, masks or None, scale=scale)
         else:
-            rows = data.filter(pc.and_(pc.equal(data["image_id"], image_id), pc.greater_equal(data["score"], score_thresh)))
+            rows = data.filter(pc.and_(pc.equal(data["image_id"], image_id), pc.greater_equal(data["score"], display_score_thresh)))
             if one_box_per_object and rows.num_rows > 1:
                 cats, scores = rows.column("category_id").to_numpy(), rows.column("score").to_numpy()
                 rows = rows.filter(pa.array(keep_one_box_per_object(boxes_of(rows), cats, scores)))
@@ -157,7 +158,7 @@ def show(
     gt: CocoIndex | None = None,
     image_ids: Sequence[int] | None = None,
     max_images: int = 8,
-    score_thresh: float = 0.3,
+    display_score_thresh: float = DISPLAY_SCORE_THRESH,
     one_box_per_object: bool = True,
 ) -> list[Path]:
     """Write `out_dir/<image_id>.png` per image: ground truth (if `gt`) beside each named results
@@ -172,6 +173,6 @@ def show(
     for iid in ids:
         gt_panel = [("ground truth", gt.anns_by_image.get(iid, []))] if gt is not None else []
         path = out_dir / f"{iid}.png"
-        render_image(image_set, iid, categories, gt_panel + panels, score_thresh, one_box_per_object).save(path)
+        render_image(image_set, iid, categories, gt_panel + panels, display_score_thresh, one_box_per_object).save(path)
         written.append(path)
     return written

@@ -44,7 +44,7 @@ from twopass.pipeline.config import (
     validate_mapping,
 )
 from twopass.pipeline.devices import check_device
-from twopass.pipeline.settings import DetectSettings, FuseSettings, SegmentSettings
+from twopass.pipeline.settings import DISPLAY_SCORE_THRESH, DetectSettings, FuseSettings, SegmentSettings
 from twopass.pipeline.tables import boxes_of, images_table, rles_of, to_coco_results
 from twopass.pipeline.visualize import draw_instances, keep_one_box_per_object
 
@@ -54,7 +54,7 @@ ImageInput = Any  # str | Path | PIL.Image.Image | np.ndarray
 Channels = Literal["rgb", "bgr"]
 
 # What `Instances.plot` hides by default: what the report's pictures hide (pipeline.config).
-PLOT_SCORE = EvaluationConfig.model_fields["score_thresh"].default
+PLOT_SCORE = DISPLAY_SCORE_THRESH
 PLOT_TOP = EvaluationConfig.model_fields["overlay_top"].default
 
 

@@ -26,6 +26,13 @@ def test_rows_selection_and_configs(ablation):
     assert names[0] == "baseline" and all(n.startswith("tp_") for n in names[1:]) and len(names) == 7
     with pytest.raises(SystemExit):
         ablation.select_rows("no_such_row")
+    key = ablation.select_rows("key")  # the slides' key rows: 6 header steps, 9 models
+    header = ["baseline", "lsd", "lsd_ms", "heavier", "edge", "lsh"]
+    assert [r.name for r in key if r.group == "header"] == header
+    assert [r.name for r in key if r.group == "header_gt"] == [f"gt_{n}" for n in header]
+    assert [r.name for r in key if r.group == "header_bb"] == [f"bb_{n}" for n in header]
+    assert {r.name for r in key if r.group == "detection"} >= {"det_ens_wbf", "det_ens_softnms", "det_ens_nms"}
+    assert len({m for r in key for m in r.models}) == 9
     for row in ablation.ROWS:  # every reference and model exists
         assert row.ref is None or row.ref in ablation.ROW_BY_NAME
         assert all(m in ablation.MODELS for m in row.models)
@@ -57,6 +64,7 @@ def test_two_rows_then_resume(ablation, tmp_path):
     lsd = first["rows"][1]
     assert lsd["ref"] == "baseline" and lsd["delta_segm"]["n"] == 1 and lsd["delta_bbox"]["n"] == 1
     assert (tmp_path / "results.md").read_text().count("(`lsd`)") == 1
+    assert first["headline"]["baseline_mask_ap"] == first["rows"][0]["segm"]["mean"] / 100
     assert any(line.startswith("[2/2] seed 0 lsd:") and "ETA" in line for line in logs)
     row_files = sorted((tmp_path / "rows").glob("*/seed0.json"))
     stamps = [p.stat().st_mtime_ns for p in row_files]
@@ -110,3 +118,20 @@ def test_baseline_boxes_rows_share_the_baseline_boxes(ablation, tmp_path):
     assert bb.select(keys).equals(own.select(keys)) and lsh.select(keys).equals(own.select(keys))
     assert bb.column("mask_counts").to_pylist() == own.column("mask_counts").to_pylist()
     assert lsh.column("mask_counts").to_pylist() != own.column("mask_counts").to_pylist()
+
+
+def test_learning_curve_points_and_resume(ablation, tmp_path):
+    """`--curve`: the baseline trained at a constant LR after warm-up, validated every `every`
+    iterations; a rerun reads the finished curve and trains nothing."""
+    import json
+
+    budget = ablation.Budget("tiny", train_images=4, val_images=2, iters=2, batch=1, warmup_iters=1, checkpoint_every=2)
+    abl = ablation.Ablation(tmp_path, budget, 1, [], log=lambda _: None)
+    points = abl.curve("seg_baseline", 4, 2)
+    assert [p["iter"] for p in points] == [2, 4]
+    assert 0 < points[0]["train_seconds"] < points[1]["train_seconds"]
+    run = next((tmp_path / "curves").iterdir())
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert lrs[1:] == [lrs[1]] * 3  # warm-up over, no step down
+    stamp = (run / "metrics.jsonl").stat().st_mtime_ns
+    assert abl.curve("seg_baseline", 4, 2) == points and (run / "metrics.jsonl").stat().st_mtime_ns == stamp

@@ -61,7 +61,7 @@ class BrightBoxModel(nn.Module):
         self.roi_heads = SimpleNamespace(score_thresh=0.05, detections_per_img=100, has_mask=lambda: False)
         self.seen: list[tuple] = []
 
-    def predict(self, images, *, size=None, score_thresh=None, detections_per_img=None, paste_masks=True):
+    def predict(self, images, *, size=None, score_thresh=None, nms_thresh=None, detections_per_img=None, paste_masks=True):
         assert size is None  # inference takes the view frame as given
         out = []
         for im in images:
@@ -257,18 +257,21 @@ def test_one_model_serves_two_threads_with_their_own_thresholds(tmp_path):
     model = build_detector(_tiny(), 3).eval()
     image_set = _image_set(tmp_path)
     cats = Categories((1, 2, 3), ("a", "b", "c"))
-    settings = [dict(score_thresh=0.0, max_per_image=50), dict(score_thresh=0.3, max_per_image=3)]
+    settings = [dict(score_thresh=0.0, max_per_image=50, nms_thresh=1.0), dict(score_thresh=0.3, max_per_image=3)]
 
     def run(kw):
         return detect(model, image_set, cats, model_name="t", views=make_views([64, 80], True), **kw)
 
     alone = [run(kw) for kw in settings]
     assert alone[0].num_rows > alone[1].num_rows > 0  # the two settings keep different rows
+    all_kept = dict(score_thresh=0.0, max_per_image=10_000)
+    assert run(all_kept).num_rows < run(dict(all_kept, nms_thresh=1.0)).num_rows  # the model's NMS (0.5) merges
     with ThreadPoolExecutor(2) as pool:
         together = [f.result() for f in [pool.submit(run, kw) for kw in settings * 3]]
     for i, table in enumerate(together):
         assert table.equals(alone[i % 2]), i
-    assert (model.roi_heads.score_thresh, model.roi_heads.detections_per_img, model.training) == (0.0, 100, False)
+    rh = model.roi_heads
+    assert (rh.score_thresh, rh.nms_thresh, rh.detections_per_img, model.training) == (0.0, 0.5, 100, False)
 
 
 def test_end_to_end_masks_honour_mask_thresh(tmp_path):

@@ -32,6 +32,13 @@ def test_synth_evaluate_show(tmp_path):
                             "--results", str(tmp_path / "res.json"), "--out", str(tmp_path / "pics"), "--ids", "1,3"])
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["1.png", "3.png"]
+    hidden = []  # every result scores 1.0: a display threshold above it leaves the ground truth alone
+    for option in ("--display-score-thresh", "--score-thresh"):  # the second: its name until 2026-12
+        r = runner.invoke(app, ["show", "--images", str(tmp_path / "d" / "images"), "--ann", str(ann), "--results",
+                                str(tmp_path / "res.json"), "--out", str(tmp_path / option), "--ids", "1", option, "1.01"])
+        assert r.exit_code == 0, r.output
+        hidden.append((tmp_path / option / "1.png").read_bytes())
+    assert hidden[0] == hidden[1] != (tmp_path / "pics" / "1.png").read_bytes()
 
 
 def test_user_error_is_one_line_exit_2(tmp_path):

@@ -66,3 +66,15 @@ def test_file_errors(tmp_path):
     bad.write_text("- a list")
     with pytest.raises(PipelineConfigError, match="bad.yaml: a pipeline config is a mapping"):
         load_pipeline_config(bad)
+
+
+def test_display_score_thresh_and_its_former_name():
+    """The pictures' threshold is `display_score_thresh` (pass one's `score_thresh` is another
+    threshold); configs written before the rename, with `evaluation.score_thresh`, still read."""
+    assert pipeline_config_from_dict(BASE).evaluation.display_score_thresh == 0.3
+    for key in ("display_score_thresh", "score_thresh"):
+        cfg = pipeline_config_from_dict({**BASE, "evaluation": {key: 0.6}})
+        assert cfg.evaluation.display_score_thresh == 0.6
+        assert "display_score_thresh: 0.6" in cfg.to_yaml()
+        with pytest.raises(PipelineConfigError, match=rf"field 'evaluation.{key}'"):
+            pipeline_config_from_dict({**BASE, "evaluation": {key: 1.5}}, "pipe.yaml")
