@@ -95,13 +95,13 @@ def import_check(work: Path, rounds: int, size: int) -> dict[str, float]:
         Image.fromarray((torch.rand(size, size + 64 * (k % 2), 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / f"{k:02d}.png")
     image_set = ImageSet.from_folder(root)
     torch.manual_seed(0)
-    tv = ARCHS["maskrcnn_resnet50_fpn"].torchvision_model(91).eval()
+    # torchvision's own thresholds and sizes as its builder's arguments (pass one's score threshold)
+    tv = ARCHS["maskrcnn_resnet50_fpn"].torchvision_model(
+        91, min_size=size, max_size=1333, box_score_thresh=DetectSettings().score_thresh).eval()
     torch.save(tv.state_dict(), work / "tv.pth")
     (work / "cats.json").write_text(json.dumps([{"id": i, "name": f"c{i}"} for i in range(1, 91)]))
     import_torchvision("maskrcnn_resnet50_fpn", work / "tv.pth", work / "run", str(work / "cats.json"), overwrite=True)
     tv = tv.to(DEVICE)
-    tv.transform.min_size, tv.transform.max_size = (size,), 1333
-    tv.roi_heads.score_thresh = DetectSettings().score_thresh
     loaded = load_any(work / "run", DEVICE, fast=False)
     views = views_of(loaded.meta.path, [size], False)
     ids = image_set.image_ids

@@ -43,11 +43,12 @@ class Arch:
     config: dict[str, Any]
     builder: str  # the torchvision.models.detection function
 
-    def torchvision_model(self, num_classes: int) -> torch.nn.Module:
-        """torchvision's model with random weights (nothing is downloaded)."""
+    def torchvision_model(self, num_classes: int, **kwargs: Any) -> torch.nn.Module:
+        """torchvision's model with random weights (nothing is downloaded); `kwargs`: its builder's
+        own (box_score_thresh, min_size, ...)."""
         import torchvision.models.detection as tvd
 
-        return getattr(tvd, self.builder)(weights=None, weights_backbone=None, num_classes=num_classes)
+        return getattr(tvd, self.builder)(weights=None, weights_backbone=None, num_classes=num_classes, **kwargs)
 
 
 def _config(name: str, *parts: dict[str, Any]) -> dict[str, Any]:
