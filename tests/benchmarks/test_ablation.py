@@ -1,5 +1,7 @@
 """benchmarks/ablation.py: the row machinery on a tiny budget (2 rows, 2 iterations) and its
-resumability: a rerun computes nothing, a deleted row is recomputed without retraining."""
+resumability: a rerun computes nothing, a deleted row is recomputed without retraining. The
+tests that train and score rows are marked slow (`make test-slow`): they check a benchmark, and
+the default suite had reached 10 min 11 s on 2 cores."""
 
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ def test_rows_selection_and_configs(ablation):
         assert {k: w["box_head"][k] for k in n["box_head"] if n["box_head"][k] != w["box_head"][k]} == {"mid_channels": 64, "alpha": 10}
 
 
+@pytest.mark.slow  # 10-15 s: the default suite stays under 10 minutes
 def test_two_rows_then_resume(ablation, tmp_path):
     budget = ablation.Budget("tiny", train_images=4, val_images=2, iters=2, batch=1, warmup_iters=1, checkpoint_every=2)
     rows = ablation.select_rows("baseline,lsd")
@@ -83,6 +86,7 @@ def test_two_rows_then_resume(ablation, tmp_path):
     assert third["rows"][1]["segm"]["per_seed"] == first["rows"][1]["segm"]["per_seed"]
 
 
+@pytest.mark.slow  # 10-15 s: the default suite stays under 10 minutes
 def test_one_seed_of_two_and_the_comparison_picture(ablation, tmp_path):
     from PIL import Image
 
@@ -96,6 +100,7 @@ def test_one_seed_of_two_and_the_comparison_picture(ablation, tmp_path):
         assert im.width >= 3 * 4 * 128 and im.height > 4 * 128
 
 
+@pytest.mark.slow  # 10-15 s: the default suite stays under 10 minutes
 def test_baseline_boxes_rows_share_the_baseline_boxes(ablation, tmp_path):
     """header_bb rows: each segmenter's masks on the baseline segmenter's own boxes. The baseline's
     row on its own boxes reproduces its end-to-end masks; another segmenter keeps the boxes."""
