@@ -148,7 +148,7 @@ BUDGETS = {
     "long": Budget("long", train_images=600, val_images=50, iters=5000, batch=4, warmup_iters=100, checkpoint_every=250, seeds=2),
     # `easy` data (pipeline.synth), where the demo's models reach box AP 0.3-0.4 in CPU-minutes, at
     # a schedule chosen from the baseline's learning curve (`--curve`, docs/results.md) so that its
-    # own masks reach mask AP 0.30 and effects of 1-2 points resolve. Run it with `--rows key`.
+    # own masks reach mask AP 0.30, where effects of 1-2 points should resolve. Run it with `--rows key`.
     "easy": Budget("easy", train_images=1000, val_images=100, iters=EASY_ITERS, batch=4, warmup_iters=100,
                    checkpoint_every=250, seeds=2, difficulty="easy"),
     # For a GPU (not measured here: no GPU was available when this was written).
@@ -654,8 +654,8 @@ class Ablation:
 
     def curve(self, name: str, iters: int, every: int, seed: int = 0) -> list[dict]:
         """Learning curve of model `name` on the budget's data: `iters` iterations at the budget's
-        batch and warm-up, then a constant LR (no step down, so any point is where a schedule of
-        that length would start its last step), and its own box and mask AP on the val set every
+        batch and warm-up, then a constant LR (no step down: a point reads low for a schedule of
+        that length, which steps down before its end), and its own box and mask AP on the val set every
         `every` iterations (the engine's validation: COCO practice, scores down to 0.001).
         Resumable; DIR/curves/<name>-seed<k>-<iters>/curve.json."""
         from twopass.detector.api import train_model
