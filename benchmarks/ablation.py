@@ -660,28 +660,30 @@ class Ablation:
         Resumable; DIR/curves/<name>-seed<k>-<iters>/curve.json."""
         from twopass.detector.api import train_model
         from twopass.detector.train import TrainOptions
-        from twopass.pipeline.fileio import write_json
+        from twopass.pipeline.fileio import read_json, write_json
         from twopass.segmenter.api import KINDS
 
-        self.prepare_data()
-        kind, cfg = self.config(name)
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": []})})
         run = self.out / "curves" / f"{name}-seed{seed}-{iters}"
-        if not (run / "curve.json").is_file():
+        if (run / "curve.json").is_file():  # finished: read back, nothing trained or parsed again
+            points = read_json(run / "curve.json")["points"]
+        else:
+            self.prepare_data()
+            kind, cfg = self.config(name)
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": []})})
             self.log(f"curve of {name} (seed {seed}): {iters} iterations, val every {every} -> {run}")
             options = TrainOptions(out=run, iters=iters, batch=self.budget.batch, device=self.device, resume=True,
                                    checkpoint_every=every, val_every=every, seed=seed, progress=sys.stdout.isatty())  # fmt: skip
             train_model(KINDS[kind], cfg, self.train_dir / "annotations.json", self.train_dir / "images", options,
                         val_ann=self.val_dir / "annotations.json", val_images=self.val_dir / "images")  # fmt: skip
-        points, train_s = [], 0.0
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            r = json.loads(line)
-            if "loss" in r:
-                train_s += float(r.get("time", 0.0)) + float(r.get("data_time", 0.0))
-            elif "val" in r:
-                points.append({"iter": r["iter"], "train_seconds": round(train_s, 1),
-                               "mask_ap": r["val"]["segm"]["AP"], "box_ap": r["val"]["bbox"]["AP"]})  # fmt: skip
-        write_json(run / "curve.json", {"model": name, "seed": seed, "budget": asdict(self.budget), "points": points}, indent=1)
+            points, train_s = [], 0.0
+            for line in (run / "metrics.jsonl").read_text().splitlines():
+                r = json.loads(line)
+                if "loss" in r:
+                    train_s += float(r.get("time", 0.0)) + float(r.get("data_time", 0.0))
+                elif "val" in r:
+                    points.append({"iter": r["iter"], "train_seconds": round(train_s, 1),
+                                   "mask_ap": r["val"]["segm"]["AP"], "box_ap": r["val"]["bbox"]["AP"]})  # fmt: skip
+            write_json(run / "curve.json", {"model": name, "seed": seed, "budget": asdict(self.budget), "points": points}, indent=1)
         for p in points:
             self.log(f"  iter {p['iter']:5d}  {fmt_s(p['train_seconds']):>7}  mask AP {p['mask_ap']:.3f}  box AP {p['box_ap']:.3f}")
         return points

@@ -139,4 +139,6 @@ def test_learning_curve_points_and_resume(ablation, tmp_path):
     lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert lrs[1:] == [lrs[1]] * 3  # warm-up over, no step down
     stamp = (run / "metrics.jsonl").stat().st_mtime_ns
-    assert abl.curve("seg_baseline", 4, 2) == points and (run / "metrics.jsonl").stat().st_mtime_ns == stamp
+    curve_stamp = (run / "curve.json").stat().st_mtime_ns
+    assert abl.curve("seg_baseline", 4, 2) == points
+    assert [(run / f).stat().st_mtime_ns for f in ("metrics.jsonl", "curve.json")] == [stamp, curve_stamp]
