@@ -202,38 +202,39 @@ def _weighted_nms_scores(flat: Flat, weights: np.ndarray | None) -> np.ndarray:
     return (flat.scores * weights[flat.model]) / weights.sum()  # nms_method's weighting
 
 
-def run_soft_nms(
-    flat: Flat, weights: np.ndarray | None, linear: bool, iou_thr: float, sigma: float, thresh: float, rescore: bool,
-    by_label: bool = True,
-) -> Result:
-    """`by_label=False`: a box decays the boxes of every label (class-agnostic); each keeps its label."""
+def run_soft_nms(flat: Flat, weights: np.ndarray | None, settings: FuseSettings, by_label: bool = True, **_: Any) -> Result:
+    """Soft-NMS with the settings' `decay`, `iou`, `sigma`, `thresh` and `rescores`.
+    `by_label=False`: a box decays the boxes of every label (class-agnostic); each keeps its label."""
     scores = _weighted_nms_scores(flat, weights)
     boxes, keep = clean_boxes(flat.boxes)
     group = _groups(flat, by_label)
     rows = np.flatnonzero(keep)
     rows = rows[np.lexsort((group[rows], flat.image[rows]))]  # stable: model order inside a group
     sizes = _group_sizes(flat.image[rows], group[rows])
-    order, decayed = _core.soft_nms_groups(boxes[rows], scores[rows], sizes, linear, iou_thr, sigma)
-    kept = decayed > thresh
+    order, decayed = _core.soft_nms_groups(
+        boxes[rows], scores[rows], sizes, settings.decay == "linear", settings.iou, settings.sigma
+    )
+    kept = decayed > settings.thresh
     out = rows[order][kept]
     return Result(
         boxes=boxes[out],
-        scores=decayed[kept] if rescore else scores[out],
+        scores=decayed[kept] if settings.rescores else scores[out],
         labels=flat.labels[out],
         image=flat.image[out],
         scale=flat.scale[out],
     )
 
 
-def run_nms(flat: Flat, weights: np.ndarray | None, iou_thr: float, by_label: bool = True) -> Result:
-    """`by_label=False`: a kept box suppresses boxes of every label (class-agnostic NMS); it keeps its label."""
+def run_nms(flat: Flat, weights: np.ndarray | None, settings: FuseSettings, by_label: bool = True, **_: Any) -> Result:
+    """Greedy NMS at the settings' `iou`. `by_label=False`: a kept box suppresses boxes of every label
+    (class-agnostic NMS); it keeps its label."""
     scores = _weighted_nms_scores(flat, weights)
     boxes, keep = clean_boxes(flat.boxes)
     group = _groups(flat, by_label)
     rows = np.flatnonzero(keep)
     rows = rows[_sorted_like_reference(scores[rows], flat.image[rows], group[rows], _numba_argsort)]
     sizes = _group_sizes(flat.image[rows], group[rows])
-    out = rows[_core.nms_groups(boxes[rows], sizes, iou_thr)]
+    out = rows[_core.nms_groups(boxes[rows], sizes, settings.iou)]
     return Result(boxes[out], scores[out], flat.labels[out], flat.image[out], flat.scale[out])
 
 
@@ -274,20 +275,16 @@ def _numba_argsort(a: np.ndarray) -> np.ndarray:
 
 
 def run_wbf(
-    flat: Flat,
-    weights: np.ndarray | None,
-    iou_thr: float,
-    skip_box_thr: float,
-    conf_type: str,
-    allows_overflow: bool,
-    by_label: bool = True,
+    flat: Flat, weights: np.ndarray | None, settings: FuseSettings, by_label: bool = True, allows_overflow: bool = False
 ) -> Result:
-    """`by_label=False`: boxes of all labels cluster together, as if they had one label; a
+    """WBF with the settings' `iou`, `skip_box_thr` and `conf_type`.
+    `by_label=False`: boxes of all labels cluster together, as if they had one label; a
     fused box takes the label whose boxes in its cluster have the largest summed score x
     model weight (ties: the smaller label)."""
+    conf_type = settings.conf_type
     weights = np.ones(flat.n_models) if weights is None else weights
     boxes, keep = clean_boxes(flat.boxes)
-    keep &= ~(flat.scores < skip_box_thr)
+    keep &= ~(flat.scores < settings.skip_box_thr)
     group = _groups(flat, by_label)
     rows = np.flatnonzero(keep)
     s = flat.scores[rows] * weights[flat.model[rows]]  # prefilter_boxes: score * weight
@@ -296,7 +293,7 @@ def run_wbf(
     model = flat.model[rows]
     w = weights[model]
     sizes = _group_sizes(flat.image[rows], group[rows])
-    cluster, fused, conf = _core.wbf_groups(boxes[rows], s, sizes, iou_thr)
+    cluster, fused, conf = _core.wbf_groups(boxes[rows], s, sizes, settings.iou)
 
     # Cluster c of the group starting at row r is stored at row r + c.
     starts = np.repeat(np.cumsum(sizes) - sizes, sizes)
@@ -385,21 +382,10 @@ def reference(fn_name: str, flat: Flat, weights: np.ndarray | None, **params: An
     )
 
 
-# --------------------------------------------------------------------------- the methods' entries
-# `pipeline.settings.FUSION_METHODS` names these: each runs one method on a `Flat` with the
-# settings record as it is (validated where it was made: the CLI, the pipeline config).
-
-
-def wbf_kernel(flat: Flat, weights: np.ndarray | None, s: FuseSettings, by_label: bool = True, allows_overflow: bool = False) -> Result:
-    return run_wbf(flat, weights, s.iou, s.skip_box_thr, s.conf_type, allows_overflow, by_label)
-
-
-def soft_nms_kernel(flat: Flat, weights: np.ndarray | None, s: FuseSettings, by_label: bool = True, **_: Any) -> Result:
-    return run_soft_nms(flat, weights, s.decay == "linear", s.iou, s.sigma, s.thresh, s.rescores, by_label)
-
-
-def nms_kernel(flat: Flat, weights: np.ndarray | None, s: FuseSettings, by_label: bool = True, **_: Any) -> Result:
-    return run_nms(flat, weights, s.iou, by_label)
+# --------------------------------------------------------------------------- the references
+# `pipeline.settings.FUSION_METHODS` names these beside the kernels above (`run_wbf`,
+# `run_soft_nms`, `run_nms`): each runs one method on a `Flat` with the settings record as it
+# is (validated where it was made: the CLI, the pipeline config).
 
 
 def wbf_reference(flat: Flat, weights: np.ndarray | None, s: FuseSettings, allows_overflow: bool = False) -> Result:
@@ -431,6 +417,14 @@ def _output(result: Result, tensors: bool) -> tuple[Any, Any, Any]:
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r}, expected one of {BACKENDS}")
+
+
+def _checked(method: str, **params: Any) -> FuseSettings:
+    """The array functions' parameters as the record the methods read. They are checked by the
+    functions themselves with ensemble_boxes' ranges (an IoU threshold of 0 or 1 allowed, as in
+    the library these functions stand in for), wider than a pipeline's `FuseSettings`: hence no
+    second validation here."""
+    return FuseSettings.model_construct(method=method, **params)
 
 
 def soft_nms(
@@ -471,12 +465,11 @@ def soft_nms(
         raise ValueError(f"sigma: {sigma} must be > 0")
     flat, tensors = _image_inputs(boxes, scores, labels, image_size, unit_scores=True)
     w = check_weights(weights, flat.n_models)
-    if backend == "ensemble_boxes":
-        if rescore:
-            raise ValueError("rescore: ensemble_boxes returns input scores only; use backend='vectorised'")
-        params = dict(method=2 if method == "gaussian" else 1, iou_thr=iou_thr, sigma=sigma, thresh=thresh)
-        return _output(reference("soft_nms", flat, w, **params), tensors)
-    return _output(run_soft_nms(flat, w, method == "linear", iou_thr, sigma, thresh, rescore), tensors)
+    if backend == "ensemble_boxes" and rescore:
+        raise ValueError("rescore: ensemble_boxes returns input scores only; use backend='vectorised'")
+    settings = _checked("soft-nms", iou_thr=iou_thr, decay=method, sigma=sigma, thresh=thresh, rescore=rescore)
+    run = soft_nms_reference if backend == "ensemble_boxes" else run_soft_nms
+    return _output(run(flat, w, settings), tensors)
 
 
 def nms(
@@ -502,9 +495,8 @@ def nms(
     check_params(iou_thr)
     flat, tensors = _image_inputs(boxes, scores, labels, image_size, unit_scores=False)
     w = check_weights(weights, flat.n_models)
-    if backend == "ensemble_boxes":
-        return _output(reference("nms", flat, w, iou_thr=iou_thr), tensors)
-    return _output(run_nms(flat, w, iou_thr), tensors)
+    run = nms_reference if backend == "ensemble_boxes" else run_nms
+    return _output(run(flat, w, _checked("nms", iou_thr=iou_thr)), tensors)
 
 
 def weighted_boxes_fusion(
@@ -539,10 +531,10 @@ def weighted_boxes_fusion(
     check_params(iou_thr, skip_box_thr=skip_box_thr)
     flat, tensors = _image_inputs(boxes, scores, labels, image_size, unit_scores=True)
     w = check_weights(weights, flat.n_models)
+    settings = _checked("wbf", iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type)
     if backend == "ensemble_boxes":
-        params = dict(iou_thr=iou_thr, skip_box_thr=skip_box_thr, conf_type=conf_type, allows_overflow=allows_overflow)
-        return _output(reference("weighted_boxes_fusion", flat, w, **params), tensors)
-    result = run_wbf(flat, w, iou_thr, skip_box_thr, conf_type, allows_overflow)
+        return _output(wbf_reference(flat, w, settings, allows_overflow=allows_overflow), tensors)
+    result = run_wbf(flat, w, settings, allows_overflow=allows_overflow)
     # The reference lists labels in order of first appearance, then sorts by score with
     # `argsort()[::-1]`; the same call on the same array gives the same order for ties.
     kept = flat.labels[clean_boxes(flat.boxes)[1] & ~(flat.scores < skip_box_thr)]

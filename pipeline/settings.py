@@ -42,11 +42,11 @@ class FusionMethod:
 
 FUSION_METHODS: dict[str, FusionMethod] = {
     # ensemble_boxes' defaults for each method's IoU threshold
-    "wbf": FusionMethod("twopass.ensemble.fusion:wbf_kernel", "twopass.ensemble.fusion:wbf_reference", 0.55,
+    "wbf": FusionMethod("twopass.ensemble.fusion:run_wbf", "twopass.ensemble.fusion:wbf_reference", 0.55,
                         ("iou_thr", "skip_box_thr", "conf_type")),
-    "soft-nms": FusionMethod("twopass.ensemble.fusion:soft_nms_kernel", "twopass.ensemble.fusion:soft_nms_reference", 0.5,
+    "soft-nms": FusionMethod("twopass.ensemble.fusion:run_soft_nms", "twopass.ensemble.fusion:soft_nms_reference", 0.5,
                              ("iou_thr", "decay", "sigma", "thresh", "rescore"), rescore=True),
-    "nms": FusionMethod("twopass.ensemble.fusion:nms_kernel", "twopass.ensemble.fusion:nms_reference", 0.5, ("iou_thr",),
+    "nms": FusionMethod("twopass.ensemble.fusion:run_nms", "twopass.ensemble.fusion:nms_reference", 0.5, ("iou_thr",),
                         unit_scores=False),
 }  # fmt: skip
 # The built-in methods' default IoU thresholds (the keyword defaults of `ensemble.fusion`'s functions).
