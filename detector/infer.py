@@ -107,36 +107,26 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train()
 
 
-def predict(
-    model: nn.Module,
-    images: list[Tensor],
-    view: View,
-    max_size: int,
-    *,
-    score_thresh: float | None = None,
-    nms_thresh: float | None = None,
-    max_per_image: int | None = None,
-    torchvision_resize: bool = False,
-) -> list[dict[str, Tensor]]:
-    """Predictions (model in eval mode) for original images [3, H_i, W_i] in [0, 1] through
-    one view; boxes in original-image pixels; masks (if any) as RoI-sized soft masks
-    [N, 1, M, M] already unflipped. Thresholds: None keeps the model's own.
-
+def view_inputs(images: list[Tensor], view: View, max_size: int, torchvision_resize: bool = False) -> tuple[list[Tensor], int | None]:
+    """Original images [3, H_i, W_i] in [0, 1] as the model takes them through one view, and the
+    `size` for the model's `predict` (None: resized here, before normalising).
     torchvision_resize: the model resizes after normalising (torchvision's order; the flip
-    comes first, exact in either order), else the view is resized here, before normalising."""
-    kept = dict(score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=max_per_image, paste_masks=False)
+    comes first, exact in either order)."""
     if torchvision_resize:
-        outputs = model.predict([im.flip(-1) if view.flip else im for im in images], size=view.scale, **kept)
-        for im, o in zip(images, outputs):
-            if view.flip:
-                o["boxes"] = flip_boxes(o["boxes"], im.shape[-1])
-        view_images = images
-    else:
-        view_images = [make_view_image(im, view, max_size) for im in images]
-        outputs = model.predict(view_images, **kept)
-        for im, vim, o in zip(images, view_images, outputs):
+        return [im.flip(-1) if view.flip else im for im in images], view.scale
+    return [make_view_image(im, view, max_size) for im in images], None
+
+
+def from_view_outputs(
+    outputs: list[dict[str, Tensor]], images: list[Tensor], inputs: list[Tensor], view: View, torchvision_resize: bool = False
+) -> list[dict[str, Tensor]]:
+    """The model's predictions on `view_inputs` back in the original images' frame: boxes in
+    original-image pixels, RoI-sized soft masks [N, 1, M, M] unflipped. In place."""
+    for im, vim, o in zip(images, inputs, outputs):
+        if torchvision_resize:  # the model's boxes are already in the (flipped) original's pixels
+            o["boxes"] = flip_boxes(o["boxes"], im.shape[-1]) if view.flip else o["boxes"]
+        else:
             o["boxes"] = from_view(o["boxes"], tuple(im.shape[-2:]), tuple(vim.shape[-2:]), view.flip)
-    for o in outputs:
         if view.flip and "masks" in o:
             o["masks"] = o["masks"].flip(-1)
     return outputs
@@ -171,7 +161,7 @@ def detect(
     ids via `categories`. `precision`: autocast of the forward passes (boxes, scores and masks
     come out float32). Thresholds (score, per-class NMS IoU, detections an image): None keeps
     the model's own; `nms_thresh=1.0` keeps every box for a Soft-NMS to replace the NMS.
-    `torchvision_resize`: see `predict` (imported torchvision models)."""
+    `torchvision_resize`: see `view_inputs` (imported torchvision models)."""
     if with_masks and not model.roi_heads.has_mask():
         raise ValueError(f"model {model_name!r} has no mask head; cannot write instances")
     config = model.config
@@ -185,9 +175,11 @@ def detect(
             chunk = ids[start : start + batch]
             images = [image_set.read(i).to(device).float().div_(255.0) for i in chunk]
             for view in views:
+                inputs, size = view_inputs(images, view, max_size, torchvision_resize)
                 with autocast(device, precision):
-                    outputs = predict(model, images, view, max_size, score_thresh=score_thresh, nms_thresh=nms_thresh,
-                                      max_per_image=max_per_image, torchvision_resize=torchvision_resize)  # fmt: skip
+                    outputs = model.predict(inputs, size=size, score_thresh=score_thresh, nms_thresh=nms_thresh,
+                                            detections_per_img=max_per_image, paste_masks=False)  # fmt: skip
+                outputs = from_view_outputs(outputs, images, inputs, view, torchvision_resize)
                 for image_id, im, o in zip(chunk, images, outputs):
                     n = len(o["boxes"])
                     if n == 0:

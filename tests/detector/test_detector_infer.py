@@ -12,12 +12,21 @@ import torch
 from PIL import Image
 from torch import nn
 from twopass.detector.config import ModelConfig
-from twopass.detector.infer import View, detect, flip_boxes, from_view, make_view_image, make_views, predict, to_view, view_size
+from twopass.detector.infer import (
+    View, detect, flip_boxes, from_view, from_view_outputs, make_view_image, make_views, to_view, view_inputs, view_size,
+)  # fmt: skip
 from twopass.detector.model import build_detector
 from twopass.detector.tv_private import resize_image_and_masks
 from twopass.detector.speed import fold_batchnorm, optimize_for_inference
 from twopass.pipeline.categories import Categories
 from twopass.pipeline.coco import ImageSet
+
+
+def predict(model, images, view, max_size, max_per_image=None):
+    """One view's predictions in the original images' frame, as `detect` makes them."""
+    inputs, size = view_inputs(images, view, max_size)
+    outputs = model.predict(inputs, size=size, detections_per_img=max_per_image, paste_masks=False)
+    return from_view_outputs(outputs, images, inputs, view)
 
 
 def test_view_size_matches_torchvision_resize():

@@ -54,17 +54,16 @@ def images(tmp_path_factory):
 
 
 def torchvision_outputs(tv, image_set: ImageSet, ids: list[int] | None = None) -> dict[int, dict[str, torch.Tensor]]:
-    tv.transform.min_size = (SIZE,)
-    tv.roi_heads.score_thresh = SCORE
     ids = ids or image_set.image_ids
     with torch.inference_mode():  # one batch, as `detect` runs them (batch 2): the same conv shapes
         return dict(zip(ids, tv([image_set.read(i).float() / 255 for i in ids])))
 
 
 def imported(arch: str, tmp_path, num_outputs: int = 91):
-    """(torchvision model, our run folder): every label a category (c1..c90, id == label), so no output is dropped."""
+    """(torchvision model at the test's size and score threshold, our run folder): every label a
+    category (c1..c90, id == label), so no output is dropped."""
     torch.manual_seed(0)
-    tv = ARCHS[arch].torchvision_model(num_outputs).eval()
+    tv = ARCHS[arch].torchvision_model(num_outputs, min_size=SIZE, box_score_thresh=SCORE).eval()
     torch.save(tv.state_dict(), tmp_path / "tv.pth")
     (tmp_path / "cats.json").write_text(json.dumps([{"id": i, "name": f"c{i}"} for i in range(1, num_outputs)]))
     r = CliRunner().invoke(app, ["import-torchvision", "--arch", arch, "--weights", str(tmp_path / "tv.pth"),
@@ -139,7 +138,7 @@ def test_coco_categories_keep_the_coco_outputs(images, tmp_path):
     outputs once the 10 unused ids have no probability (as in a COCO-trained model)."""
     arch = "fasterrcnn_resnet50_fpn"
     torch.manual_seed(0)
-    tv = ARCHS[arch].torchvision_model(91).eval()
+    tv = ARCHS[arch].torchvision_model(91, min_size=SIZE, box_score_thresh=SCORE).eval()
     cats = Categories.from_coco(coco_categories())
     unused = sorted(set(range(1, 91)) - set(cats.ids))
     assert len(cats.ids) == 80 and unused == [12, 26, 29, 30, 45, 66, 68, 69, 71, 83]
