@@ -107,7 +107,9 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
         model.train()
 
 
-def view_inputs(images: list[Tensor], view: View, max_size: int, torchvision_resize: bool = False) -> tuple[list[Tensor], int | None]:
+def view_inputs(
+    images: list[Tensor], view: View, max_size: int, torchvision_resize: bool = False
+) -> tuple[list[Tensor], int | None]:
     """Original images [3, H_i, W_i] in [0, 1] as the model takes them through one view, and the
     `size` for the model's `predict` (None: resized here, before normalising).
     torchvision_resize: the model resizes after normalising (torchvision's order; the flip
