@@ -19,20 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import pyarrow as pa
 import torch
 from torch import nn
 
-from twopass.pipeline.coco import CocoDataset, ImageSet
+from twopass.pipeline.coco import CocoDataset
 from twopass.pipeline.devices import check_device
 from twopass.pipeline.fileio import Inputs, OutputError, check_outputs, read_json, sweep_temp_files
-from twopass.pipeline.precision import check_precision
-from twopass.pipeline.settings import DETECT, DetectSettings
-from twopass.pipeline.tables import TableMeta, write_table
 
 from .checkpoint import CheckpointMeta, files_in_use, init_weights, last_meta, load_model, read_meta, resolve
 from .config import ConfigError, ModelConfig, config_from_dict, load_config
-from .infer import View, detect, make_validator, make_views
+# detection's front door lives with the inference loop; it is re-exported here with the others
+from .infer import LoadedModel, View, check_categories, detect_images, make_validator, make_views  # noqa: F401
 from .model import build_detector
 from .speed import optimize_for_inference
 from .train import TrainOptions, TrainResult, check_train_device, train
@@ -189,25 +186,6 @@ _PARTIAL = re.compile(r"iter_\d{7}(\.optim)?\.(json|safetensors)|\..+\.tmp")
 # --------------------------------------------------------------------------- loading
 
 
-@dataclass
-class LoadedModel:
-    """A model ready for inference (eval mode). Inference takes its thresholds as arguments and
-    writes nothing on the model, so threads may share one."""
-
-    model: nn.Module
-    meta: CheckpointMeta
-
-    @property
-    def name(self) -> str:
-        return self.model.config.name
-
-    @property
-    def torchvision_resize(self) -> bool:
-        """An imported torchvision model: resized after normalising, as torchvision does, so its
-        outputs are torchvision's at any image size (`detector.infer.predict`)."""
-        return "imported_from" in self.meta.extra
-
-
 _CACHE: "OrderedDict[tuple, LoadedModel]" = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 4
@@ -250,56 +228,3 @@ def views_of(checkpoint: str | Path, scales: Sequence[int] | None, flip: bool) -
     return make_views(scales, flip)
 
 
-def check_categories(loaded: LoadedModel, image_set: ImageSet) -> None:
-    """A model may only run on images annotated with its own category list."""
-    if image_set.categories is not None:
-        loaded.meta.categories.check_same(image_set.categories, f"{image_set.source} against checkpoint {loaded.meta.path}")
-
-
-# --------------------------------------------------------------------------- detection
-
-
-def detect_images(
-    loaded: LoadedModel,
-    image_set: ImageSet,
-    views: Sequence[View],
-    settings: DetectSettings = DETECT,
-    *,
-    name: str | None = None,
-    device: str = "cpu",
-    image_ids: Sequence[int] | None = None,
-    with_masks: bool = False,
-    out: str | Path | None = None,
-    extra: dict[str, Any] | None = None,
-    progress: Callable[[int], None] | None = None,
-    nms_thresh: float | None = None,
-) -> tuple[pa.Table, TableMeta]:
-    """Pass one of one model: its detections on `image_set` (or `image_ids` of it) through every
-    view, boxes XYXY in original pixels, COCO category ids. A segmenter run end to end
-    (`with_masks`) gives instances. Written to `out` when given; returns (table, meta).
-    `nms_thresh`: the per-class NMS IoU (None: the model's own; 1.0 keeps every box, for a
-    Soft-NMS downstream)."""
-    check_categories(loaded, image_set)
-    check_precision(settings.precision, device)
-    name = name or loaded.name
-    table = detect(
-        loaded.model, image_set, loaded.meta.categories, model_name=name, views=views, batch=settings.batch,
-        device=device, score_thresh=settings.score_thresh, nms_thresh=nms_thresh, max_per_image=settings.max_per_image,
-        image_ids=None if image_ids is None else list(image_ids), with_masks=with_masks, mask_thresh=settings.mask_thresh,
-        progress=progress, precision=settings.precision, torchvision_resize=loaded.torchvision_resize,
-    )  # fmt: skip
-    meta = TableMeta(
-        kind="instances" if with_masks else "detections",
-        producer=f"{loaded.meta.kind}:{name}",
-        categories=loaded.meta.categories,
-        config=loaded.meta.config,
-        dataset=image_set.source,
-        extra={"checkpoint": str(loaded.meta.path), "iteration": loaded.meta.iteration,
-               "views": [v.source(name) for v in views],
-               **({"precision": settings.precision} if settings.precision != "fp32" else {}),
-               **({"mask_thresh": settings.mask_thresh} if with_masks and settings.mask_thresh != DETECT.mask_thresh else {}),
-               **(extra or {})},  # fmt: skip
-    )
-    if out is not None:
-        write_table(out, table, meta)
-    return table, meta

@@ -1,4 +1,5 @@
-"""Inference over an image set with test-time augmentation (scales x horizontal flip).
+"""Inference over an image set with test-time augmentation (scales x horizontal flip):
+`detect_images`, pass one's front door (re-exported by `detector.api`), and its views.
 
 Each view is made here, explicitly: the original image [3, H, W] is resized to the view size
 (the model's own resize rule: shorter side `scale`, longer side at most `max_size`) and
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -24,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from twopass.pipeline.settings import DETECT, SEGMENT
+from twopass.pipeline.settings import DETECT, SEGMENT, DetectSettings
 from twopass.pipeline.categories import Categories
 from twopass.pipeline.masks import paste_and_encode
-from twopass.pipeline.precision import autocast
-from twopass.pipeline.tables import detections_table, instances_table
+from twopass.pipeline.precision import autocast, check_precision
+from twopass.pipeline.tables import TableMeta, detections_table, instances_table, write_table
+
+from .checkpoint import CheckpointMeta
 
 
 @dataclass(frozen=True)
@@ -139,49 +143,80 @@ def masks_to_rles(soft: Tensor, boxes: Tensor, hw: tuple[int, int], mask_thresh:
     return paste_and_encode(soft[:, 0], boxes, hw, mask_thresh)
 
 
-def detect(
-    model: nn.Module,
+@dataclass
+class LoadedModel:
+    """A model ready for inference (eval mode) and its checkpoint's record. Inference takes its
+    thresholds as arguments and writes nothing on the model, so threads may share one."""
+
+    model: nn.Module
+    meta: CheckpointMeta
+
+    @classmethod
+    def in_memory(cls, model: nn.Module, categories: Categories, kind: str = "detector") -> "LoadedModel":
+        """A model not read from a checkpoint (one in training, one built in a notebook)."""
+        meta = CheckpointMeta(Path("<in memory>"), kind, model.config.to_dict(), categories, iteration=0, extra={})
+        return cls(model, meta)
+
+    @property
+    def name(self) -> str:
+        return self.model.config.name
+
+    @property
+    def torchvision_resize(self) -> bool:
+        """An imported torchvision model: resized after normalising, as torchvision does, so its
+        outputs are torchvision's at any image size (`view_inputs`)."""
+        return "imported_from" in self.meta.extra
+
+
+def check_categories(loaded: LoadedModel, image_set) -> None:
+    """A model may only run on images annotated with its own category list."""
+    if image_set.categories is not None:
+        loaded.meta.categories.check_same(image_set.categories, f"{image_set.source} against checkpoint {loaded.meta.path}")
+
+
+def detect_images(
+    loaded: LoadedModel,
     image_set,
-    categories: Categories,
-    *,
-    model_name: str,
     views: Sequence[View] | None = None,
-    batch: int = 2,
+    settings: DetectSettings = DETECT,
+    *,
+    name: str | None = None,
     device: str | torch.device = "cpu",
-    score_thresh: float | None = None,
-    nms_thresh: float | None = None,
-    max_per_image: int | None = None,
-    with_masks: bool = False,
-    mask_thresh: float = SEGMENT.mask_thresh,
     image_ids: Sequence[int] | None = None,
+    with_masks: bool = False,
+    out: str | Path | None = None,
+    extra: dict[str, Any] | None = None,
     progress: Callable[[int], None] | None = None,
-    precision: str = "fp32",
-    torchvision_resize: bool = False,
-) -> pa.Table:
-    """Detections (or instances, with_masks: masks thresholded at `mask_thresh`) of every
-    image of `image_set` (a `pipeline.coco.ImageSet`) through every view. Labels map to COCO
-    ids via `categories`. `precision`: autocast of the forward passes (boxes, scores and masks
-    come out float32). Thresholds (score, per-class NMS IoU, detections an image): None keeps
-    the model's own; `nms_thresh=1.0` keeps every box for a Soft-NMS to replace the NMS.
-    `torchvision_resize`: see `view_inputs` (imported torchvision models)."""
+    nms_thresh: float | None = None,
+) -> tuple[pa.Table, TableMeta]:
+    """Pass one of one model: its detections on `image_set` (a `pipeline.coco.ImageSet`, or
+    `image_ids` of it) through every view (default: the model's test size), boxes XYXY in
+    original pixels, COCO category ids, `source` naming the model and the view. A segmenter run
+    end to end (`with_masks`) gives instances, masks thresholded at `settings.mask_thresh`.
+    The settings' thresholds go into the model's `predict`; `nms_thresh`: the per-class NMS IoU
+    (None: the model's own; 1.0 keeps every box, for a Soft-NMS downstream). `precision`:
+    autocast of the forward passes (boxes, scores and masks come out float32). Written to `out`
+    when given; returns (table, meta)."""
+    check_categories(loaded, image_set)
+    check_precision(settings.precision, device)
+    model, categories, name = loaded.model, loaded.meta.categories, name or loaded.name
     if with_masks and not model.roi_heads.has_mask():
-        raise ValueError(f"model {model_name!r} has no mask head; cannot write instances")
-    config = model.config
-    views = list(views) if views else [View(config.input.test_size)]
-    max_size = config.input.max_size
+        raise ValueError(f"model {name!r} has no mask head; cannot write instances")
+    views = list(views) if views else [View(model.config.input.test_size)]
+    max_size = model.config.input.max_size
     ids = list(image_set.image_ids if image_ids is None else image_ids)
     cols: dict[str, list] = {"image_id": [], "category_id": [], "score": [], "boxes": [], "source": []}
     rles: list[dict] = []
     with eval_mode(model), torch.inference_mode():
-        for start in range(0, len(ids), batch):
-            chunk = ids[start : start + batch]
+        for start in range(0, len(ids), settings.batch):
+            chunk = ids[start : start + settings.batch]
             images = [image_set.read(i).to(device).float().div_(255.0) for i in chunk]
             for view in views:
-                inputs, size = view_inputs(images, view, max_size, torchvision_resize)
-                with autocast(device, precision):
-                    outputs = model.predict(inputs, size=size, score_thresh=score_thresh, nms_thresh=nms_thresh,
-                                            detections_per_img=max_per_image, paste_masks=False)  # fmt: skip
-                outputs = from_view_outputs(outputs, images, inputs, view, torchvision_resize)
+                inputs, size = view_inputs(images, view, max_size, loaded.torchvision_resize)
+                with autocast(device, settings.precision):
+                    outputs = model.predict(inputs, size=size, score_thresh=settings.score_thresh, nms_thresh=nms_thresh,
+                                            detections_per_img=settings.max_per_image, paste_masks=False)  # fmt: skip
+                outputs = from_view_outputs(outputs, images, inputs, view, loaded.torchvision_resize)
                 for image_id, im, o in zip(chunk, images, outputs):
                     n = len(o["boxes"])
                     if n == 0:
@@ -190,11 +225,11 @@ def detect(
                     cols["category_id"].append(categories.to_category_ids(o["labels"].cpu().numpy()))
                     cols["score"].append(o["scores"].float().cpu().numpy())
                     cols["boxes"].append(o["boxes"].float().cpu().numpy())
-                    cols["source"].extend([view.source(model_name)] * n)
+                    cols["source"].extend([view.source(name)] * n)
                     if with_masks:
-                        rles.extend(masks_to_rles(o["masks"].float(), o["boxes"].float(), tuple(im.shape[-2:]), mask_thresh))
+                        rles.extend(masks_to_rles(o["masks"].float(), o["boxes"].float(), tuple(im.shape[-2:]), settings.mask_thresh))
             if progress is not None:
-                progress(min(start + batch, len(ids)))
+                progress(min(start + settings.batch, len(ids)))
     cat = lambda xs, dtype, shape: np.concatenate(xs).astype(dtype) if xs else np.zeros(shape, dtype)  # noqa: E731
     table = detections_table(
         cat(cols["image_id"], np.int64, (0,)),
@@ -203,7 +238,23 @@ def detect(
         cat(cols["boxes"], np.float32, (0, 4)),
         cols["source"],
     )
-    return instances_table(table, rles) if with_masks else table
+    if with_masks:
+        table = instances_table(table, rles)
+    meta = TableMeta(
+        kind="instances" if with_masks else "detections",
+        producer=f"{loaded.meta.kind}:{name}",
+        categories=categories,
+        config=loaded.meta.config,
+        dataset=image_set.source,
+        extra={"checkpoint": str(loaded.meta.path), "iteration": loaded.meta.iteration,
+               "views": [v.source(name) for v in views],
+               **({"precision": settings.precision} if settings.precision != "fp32" else {}),
+               **({"mask_thresh": settings.mask_thresh} if with_masks and settings.mask_thresh != DETECT.mask_thresh else {}),
+               **(extra or {})},  # fmt: skip
+    )
+    if out is not None:
+        write_table(out, table, meta)
+    return table, meta
 
 
 # COCO practice for scoring a model: keep everything above 0.001, the best 100 an image (pass
@@ -226,17 +277,9 @@ def make_validator(
     image_set = index.image_set(image_root)
 
     def validate(model: nn.Module) -> dict[str, Any]:
-        table = detect(
-            model,
-            image_set,
-            categories,
-            model_name="val",
-            batch=batch,
-            device=device,
-            with_masks=with_masks,
-            score_thresh=EVAL_SCORE_THRESH,
-            max_per_image=EVAL_MAX_PER_IMAGE,
-        )
+        loaded = LoadedModel.in_memory(model, categories, "segmenter" if with_masks else "detector")
+        settings = DetectSettings(score_thresh=EVAL_SCORE_THRESH, max_per_image=EVAL_MAX_PER_IMAGE, batch=batch)
+        table, _ = detect_images(loaded, image_set, None, settings, name="val", device=device, with_masks=with_masks)
         iou_types = ("bbox", "segm") if with_masks else ("bbox",)
         return evaluate(index.raw, table, iou_types=iou_types)
 

@@ -41,7 +41,7 @@ def mask_probs(
     image: FloatTensor[3, H, W] in [0, 1]; boxes: FloatTensor[N, 4] XYXY original pixels;
     labels: Int64Tensor[N] contiguous 1..K. `model` is a detector with a mask branch, in eval
     mode. Views resize and mirror the image exactly as the detector's test-time augmentation
-    does (`torchvision_resize`: as `detector.infer.predict`, for imported torchvision models).
+    does (`torchvision_resize`: as `detector.infer.view_inputs`, for imported torchvision models).
     `precision`: autocast of the backbone and the mask head (the probabilities are float32).
     """
     orig_hw = (image.shape[-2], image.shape[-1])

@@ -13,17 +13,27 @@ from PIL import Image
 from torch import nn
 from twopass.detector.config import ModelConfig
 from twopass.detector.infer import (
-    View, detect, flip_boxes, from_view, from_view_outputs, make_view_image, make_views, to_view, view_inputs, view_size,
+    LoadedModel, View, detect_images, flip_boxes, from_view, from_view_outputs, make_view_image, make_views, to_view, view_inputs, view_size,
 )  # fmt: skip
 from twopass.detector.model import build_detector
 from twopass.detector.tv_private import resize_image_and_masks
 from twopass.detector.speed import fold_batchnorm, optimize_for_inference
 from twopass.pipeline.categories import Categories
 from twopass.pipeline.coco import ImageSet
+from twopass.pipeline.settings import DetectSettings
+
+
+def detect(model, image_set, categories, *, model_name, views=None, with_masks=False, nms_thresh=None, **settings):
+    """The front door on a model in memory, its own score threshold and detections an image
+    unless given."""
+    rh = model.roi_heads
+    settings = DetectSettings(**{"score_thresh": rh.score_thresh, "max_per_image": rh.detections_per_img, **settings})
+    loaded = LoadedModel.in_memory(model, categories)
+    return detect_images(loaded, image_set, views, settings, name=model_name, with_masks=with_masks, nms_thresh=nms_thresh)[0]
 
 
 def predict(model, images, view, max_size, max_per_image=None):
-    """One view's predictions in the original images' frame, as `detect` makes them."""
+    """One view's predictions in the original images' frame, as `detect_images` makes them."""
     inputs, size = view_inputs(images, view, max_size)
     outputs = model.predict(inputs, size=size, detections_per_img=max_per_image, paste_masks=False)
     return from_view_outputs(outputs, images, inputs, view)
@@ -62,11 +72,11 @@ def test_tta_box_round_trip():
 
 class BrightBoxModel(nn.Module):
     """Stands in for a detector: 'detects' the bright square of each input image in the frame
-    of the image it is given (so the test sees what `detect` does with the view frames)."""
+    of the image it is given (so the test sees what `detect_images` does with the view frames)."""
 
     def __init__(self, test_size=64, max_size=1333):
         super().__init__()
-        self.config = SimpleNamespace(input=SimpleNamespace(test_size=test_size, max_size=max_size))
+        self.config = SimpleNamespace(name="bright", input=SimpleNamespace(test_size=test_size, max_size=max_size), to_dict=dict)
         self.roi_heads = SimpleNamespace(score_thresh=0.05, detections_per_img=100, has_mask=lambda: False)
         self.seen: list[tuple] = []
 
@@ -284,7 +294,7 @@ def test_one_model_serves_two_threads_with_their_own_thresholds(tmp_path):
 
 
 def test_end_to_end_masks_honour_mask_thresh(tmp_path):
-    """`detect(with_masks=True)` thresholds the pasted soft masks at `mask_thresh` (0.5 by default)."""
+    """`detect_images(with_masks=True)` thresholds the pasted soft masks at `mask_thresh` (0.5 by default)."""
     from twopass.detector.infer import masks_to_rles
     from twopass.pipeline.tables import rles_of
 
@@ -318,3 +328,21 @@ def test_masks_for_boxes_equal_the_models_own_masks():
             for o, g in zip(own, given):
                 assert len(o["boxes"]) == 5
                 torch.testing.assert_close(g, o["masks"][:, 0], atol=1e-5, rtol=1e-4)
+
+
+def test_a_model_in_memory_detects_as_its_saved_checkpoint(tmp_path):
+    """`LoadedModel.in_memory` (a notebook's model, the validation hook's) gives the rows its
+    checkpoint gives once saved and loaded, and its table names no checkpoint file."""
+    from twopass.detector.api import DETECTOR, load_for_inference
+    from twopass.detector.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_detector(_tiny(), 3).eval()
+    cats = Categories((1, 2, 3), ("a", "b", "c"))
+    image_set = _image_set(tmp_path)
+    settings = DetectSettings(score_thresh=0.0, max_per_image=20)
+    mine, meta = detect_images(LoadedModel.in_memory(model, cats), image_set, make_views([64], True), settings)
+    save_checkpoint(tmp_path / "run", model, kind="detector", config=model.config.to_dict(), categories=cats, iteration=0)
+    saved, _ = detect_images(load_for_inference(DETECTOR, tmp_path / "run", fast=False), image_set, make_views([64], True), settings)
+    assert mine.num_rows > 0 and mine.equals(saved)
+    assert meta.extra["checkpoint"] == "<in memory>" and meta.producer == "detector:tiny"

@@ -9,9 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from twopass.detector.infer import detect, make_views
+from twopass.detector.infer import LoadedModel, detect_images, make_views
 from twopass.pipeline.coco import CocoDataset, CocoIndex
 from twopass.pipeline.evaluate import evaluate
+from twopass.pipeline.settings import DetectSettings
 from twopass.pipeline.synth import generate
 from twopass.pipeline.tables import from_coco_results
 from twopass.segmenter.config import SegmenterConfig, load_segmenter_config
@@ -109,7 +110,8 @@ def test_masks_on_ground_truth_boxes_beat_own_boxes_on_held_out_images(overfit, 
     ann = generate(tmp_path / "val", num_images=6, size=128, seed=99)
     images = CocoIndex.load(ann).image_set(tmp_path / "val" / "images")
     views = make_views([128], False)
-    own = detect(model, images, categories, model_name="own", score_thresh=0.001)
+    settings = DetectSettings(score_thresh=0.001, max_per_image=model.roi_heads.detections_per_img)
+    own, _ = detect_images(LoadedModel.in_memory(model, categories, "segmenter"), images, None, settings, name="own")
     on_own, _ = segment(model, categories, images, own, views)
     on_gt, _ = segment(model, categories, images, gt_boxes(ann), views)
     ap_own = evaluate(ann, on_own, iou_types=("segm",))["segm"]["AP"]
