@@ -61,8 +61,9 @@ class Step:
 
     run(**args, plan=None, log=None) -> output file; plan(**args) -> `Planned` (the cache key and
     the output path; the run function returns at once when that file exists). Both take the
-    same keyword arguments, `args(ctx, label, k)`: JSON-like values and pydantic records only
-    (the Prefect task's parameters). `stage`: the run folder's subfolder of the merged outputs;
+    same keyword arguments, `args(ctx, label, k)`: JSON-like values, pydantic records and frozen
+    records of module-level functions such as `ModelKind` (the Prefect task's parameters, which
+    a Dask runner pickles). `stage`: the run folder's subfolder of the merged outputs;
     `publish(label)`: the file name under RUN/outputs/, or None."""
 
     name: str
@@ -75,22 +76,13 @@ class Step:
     task_name: Callable[[Context, str], str] = lambda ctx, label: ""  # Prefect task-run name (before "-<shard>")
 
 
-# Detection takes the kind by name: task parameters stay plain values.
-def _detect_run(run_dir, kind: str, spec, checkpoint, data, ids, device, plan=None, log=None) -> str:
-    return detector_stage.detect_shard(run_dir, KINDS[kind], spec, checkpoint, data, ids, device, plan=plan, log=log)
-
-
-def _detect_plan(run_dir, kind: str, spec, checkpoint, data, ids, device) -> Planned:
-    return detector_stage.detect_plan(run_dir, KINDS[kind], spec, checkpoint, data, ids, device)
-
-
 def _member(ctx: Context, name: str):
     return next((kind, d) for kind, d in ctx.config.pass_one() if d.name == name)
 
 
 def _detect_args(ctx: Context, label: str, k: int) -> dict[str, Any]:
     kind, d = _member(ctx, label)
-    return dict(run_dir=ctx.run_dir, kind=kind, spec=d, checkpoint=ctx.checkpoints[d.name], data=ctx.config.data,
+    return dict(run_dir=ctx.run_dir, kind=KINDS[kind], spec=d, checkpoint=ctx.checkpoints[d.name], data=ctx.config.data,
                 ids=ctx.shard_ids[k], device=ctx.config.device)  # fmt: skip
 
 
@@ -108,7 +100,7 @@ def _segment_args(ctx: Context, label: str, k: int) -> dict[str, Any]:
 
 
 DETECT = Step(
-    "detect", _detect_run, _detect_plan, _detect_args,
+    "detect", detector_stage.detect_shard, detector_stage.detect_plan, _detect_args,
     labels=lambda ctx: [d.name for _, d in ctx.config.pass_one()], stage="detections",
     publish=lambda label: f"detections_{safe_name(label)}.parquet", task_name=lambda ctx, label: f"detect-{label}",
 )  # fmt: skip
